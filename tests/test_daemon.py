@@ -1,0 +1,234 @@
+"""The real daemon against the fake kubelet, over real unix sockets."""
+
+import os
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+from tests.daemon import Daemon, run_to_exit
+from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode
+
+RESOURCE = "example.com/token"
+
+
+def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
+    return [f"--plugin_dir={plugin_dir}", *extra]
+
+
+def registered_with(count: int, resource: str = RESOURCE):
+    return lambda k: resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
+
+
+@pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
+def test_registers_and_advertises_its_tokens(plugin_dir, daemons, mode):
+    kubelet = FakeKubelet(plugin_dir, mode)
+    kubelet.start()
+    try:
+        daemons(*plugin_args(plugin_dir, "--count=3"))
+        kubelet.wait_until(registered_with(3))
+        request = kubelet.register_requests[0]
+        assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", "token-resource.sock", RESOURCE)
+        assert request.options.get_preferred_allocation_available
+        snapshot = kubelet.resources[RESOURCE].snapshots[0]
+        assert [(d.ID, d.health) for d in snapshot.devices] == [(f"item-{i}", "Healthy") for i in range(3)]
+        assert kubelet.violations == []
+    finally:
+        kubelet.stop()
+
+
+def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
+    daemon = daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    kubelet.admit("pod-a", "c", RESOURCE, 1)  # traffic on the same connection
+    assert len(kubelet.resources[RESOURCE].snapshots) == 1
+    assert daemon.process.poll() is None
+
+
+def test_allocate_preferred_and_prestart_answer(kubelet, daemons):
+    daemons(*plugin_args(kubelet.directory, "--count=3"))
+    kubelet.wait_until(registered_with(3))
+    first = kubelet.admit("pod-a", "app", RESOURCE, 2)
+    assert first.ids == ("item-0", "item-1")  # packed: lowest IDs first
+    assert dict(first.response.envs) == {"EXAMPLE_COM_TOKEN": "item-0,item-1"}
+    assert dict(first.response.annotations) == {RESOURCE: "item-0,item-1"}
+    assert kubelet.admit("pod-b", "app", RESOURCE, 1).ids == ("item-2",)
+    with pytest.raises(AdmissionError, match="Requested: 1, Available: 0"):
+        kubelet.admit("pod-c", "app", RESOURCE, 1)
+    assert kubelet.preferred_calls == 2
+
+    stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[RESOURCE].channel)
+    assert stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["item-0"])) == api_pb2.PreStartContainerResponse()
+    options = stub.GetDevicePluginOptions(api_pb2.Empty())
+    assert options == kubelet.register_requests[0].options
+
+
+def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
+    daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[RESOURCE].channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Allocate(api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])]))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'unknown token ID "item-2"' in raised.value.details()
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Allocate(api_pb2.AllocateRequest())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    two = stub.Allocate(
+        api_pb2.AllocateRequest(
+            container_requests=[
+                api_pb2.ContainerAllocateRequest(devices_ids=["item-1"]),
+                api_pb2.ContainerAllocateRequest(devices_ids=["item-0"]),
+            ]
+        )
+    )
+    assert [dict(c.envs) for c in two.container_responses] == [{"EXAMPLE_COM_TOKEN": "item-1"}, {"EXAMPLE_COM_TOKEN": "item-0"}]
+
+
+def test_reregisters_after_kubelet_restart(kubelet, daemons):
+    daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    foreign = os.path.join(kubelet.directory, "kubelet_internal_checkpoint")
+    with open(foreign, "w") as f:
+        f.write("{}")
+    kubelet.restart()  # deletes the plugin's socket, re-creates kubelet.sock
+    kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+    assert kubelet.resources[RESOURCE].snapshots[-1] == kubelet.resources[RESOURCE].snapshots[0]  # same IDs
+    assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", "kubelet_internal_checkpoint", "token-resource.sock"]
+    assert kubelet.admit("pod-a", "c", RESOURCE, 1).ids == ("item-0",)
+
+
+@pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
+def test_reregisters_when_the_stream_is_cancelled(plugin_dir, daemons, mode):
+    kubelet = FakeKubelet(plugin_dir, mode)
+    kubelet.start()
+    try:
+        daemons(*plugin_args(plugin_dir, "--count=2"))
+        kubelet.wait_until(registered_with(2))
+        kubelet.cancel_stream(RESOURCE)
+        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+        assert kubelet.resources[RESOURCE].streams_opened == 2
+    finally:
+        kubelet.stop()
+
+
+def test_waits_for_an_absent_kubelet(plugin_dir, daemons):
+    daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
+    socket_path = os.path.join(plugin_dir, "token-resource.sock")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(socket_path):  # bounded wait for the daemon's own socket
+        assert time.monotonic() < deadline and daemon.process.poll() is None, daemon.log()
+        time.sleep(0.01)
+    kubelet = FakeKubelet(plugin_dir, Mode.E2)
+    kubelet.start()
+    try:
+        kubelet.wait_until(registered_with(2))
+        assert daemon.process.poll() is None
+    finally:
+        kubelet.stop()
+
+
+def test_reregisters_when_list_and_watch_never_comes(plugin_dir, daemons):
+    dial = threading.Event()  # E1 kubelet that answers Register but never dials back
+    kubelet = FakeKubelet(plugin_dir, Mode.E1, e1_dial=dial)
+    kubelet.start()
+    try:
+        daemon = daemons(*plugin_args(plugin_dir, "--count=2", "--list_and_watch_timeout=0.5"))
+        kubelet.wait_until(lambda k: len(k.register_requests) >= 2)
+        assert "did not call ListAndWatch" in daemon.log()
+        dial.set()
+        kubelet.wait_until(registered_with(2))
+    finally:
+        dial.set()
+        kubelet.stop()
+
+
+def test_retries_register_with_backoff_when_the_kubelet_refuses(plugin_dir, daemons):
+    kubelet = FakeKubelet(plugin_dir, Mode.E2)
+    kubelet.start()
+    try:
+        kubelet.supported_versions = ["v2"]  # a kubelet that does not speak v1beta1
+        daemon = daemons(*plugin_args(plugin_dir, "--count=1"))
+        kubelet.wait_until(lambda k: len(k.register_errors) >= 3, timeout=15)
+        assert kubelet.register_errors[0] == 'requested API version "v1beta1" is not supported by kubelet. Supported version is ["v2"]'
+        assert "Register failed (UNKNOWN" in daemon.log()
+        kubelet.supported_versions = ["v1beta1"]
+        kubelet.wait_until(registered_with(1), timeout=15)
+    finally:
+        kubelet.stop()
+
+
+def test_sigterm_removes_only_its_own_socket_and_exits_0(kubelet, daemons):
+    daemon = daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    foreign = os.path.join(kubelet.directory, "other-plugin.sock")
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(foreign)
+        started = time.monotonic()
+        assert daemon.terminate() == 0
+        assert time.monotonic() - started < 1.0
+        assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", "other-plugin.sock"]
+    kubelet.wait_until(lambda k: not k.resources[RESOURCE].connected)
+    assert kubelet.allocatable(RESOURCE) == 0 and kubelet.resources[RESOURCE].capacity == 2
+
+
+def test_a_stale_socket_does_not_block_start(kubelet, daemons):
+    stale = os.path.join(kubelet.directory, "token-resource.sock")
+    with socket.socket(socket.AF_UNIX) as crashed:
+        crashed.bind(stale)  # bound but not listening: what a killed process leaves
+    daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+
+
+def test_a_second_instance_on_the_same_socket_refuses_to_start(kubelet, daemons):
+    first = daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    second = daemons(*plugin_args(kubelet.directory, "--count=2"))
+    assert second.wait() == 1
+    assert "another process is serving on" in second.log()
+    assert first.process.poll() is None
+    assert len(kubelet.register_requests) == 1
+
+
+def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
+    daemon = daemons(
+        "-loglevel", "0", "-socket", "token-resource", "-count", "2", "-resource", RESOURCE,
+        f"-plugin_dir={kubelet.directory}",
+    )
+    kubelet.wait_until(registered_with(2))
+    assert kubelet.register_requests[0].endpoint == "token-resource"
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--count=0"], "count must be a positive integer"),
+        (["--count=-3"], "count must be a positive integer"),
+        (["--count=two"], "--count"),
+        (["--count=1000000"], "fits at most 179392 tokens"),
+        (["--resource=gpu"], "needs a domain prefix"),
+        (["--resource=kubernetes.io/x"], "reserved"),
+        (["--resource=Example.com/x"], "lower-case DNS subdomain"),
+        (["--resource=requests.x.com/y"], 'must not start with "requests."'),
+        (["--socket=/var/lib/kubelet/device-plugins/x.sock"], "bare file name"),
+        (["--socket=kubelet.sock"], "kubelet's own socket"),
+        (["--plugin_dir=/nonexistent/device-plugins"], "does not exist"),
+        (["--no_such_flag"], "Unknown command line flag"),
+        (["extra-argument"], "unexpected arguments"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(flags, message):
+    result = run_to_exit(*flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_prints_and_exits():
+    result = run_to_exit("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("token-resource ")

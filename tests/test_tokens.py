@@ -1,0 +1,91 @@
+import pytest
+
+from token_resource import tokens
+from token_resource.device_plugin import AllocationError
+
+
+@pytest.mark.parametrize("count", [0, 1, 9, 10, 11, 99, 100, 101, 1000, 12345])
+def test_snapshot_size_formula_matches_the_encoded_message(count):
+    assert tokens.snapshot_bytes(count) == tokens.snapshot(count).ByteSize()
+
+
+def test_max_count_is_the_largest_snapshot_under_4_mib():
+    limit = tokens.max_count()
+    assert tokens.snapshot(limit).ByteSize() <= 4 * 1024 * 1024
+    assert tokens.snapshot(limit + 1).ByteSize() > 4 * 1024 * 1024
+
+
+def test_snapshot_lists_stable_healthy_ids():
+    devices = tokens.snapshot(3).devices
+    assert [(d.ID, d.health) for d in devices] == [("item-0", "Healthy"), ("item-1", "Healthy"), ("item-2", "Healthy")]
+    assert tokens.snapshot(3) == tokens.snapshot(3)
+
+
+@pytest.mark.parametrize("token,index", [("item-0", 0), ("item-7", 7), ("item-10", 10)])
+def test_token_index_parses_well_formed_ids(token, index):
+    assert tokens.token_index(token) == index
+
+
+@pytest.mark.parametrize("token", ["item-", "item-01", "item--1", "item-+1", "token-1", "item-1 ", "", "item-٣"])
+def test_token_index_rejects_malformed_ids(token):
+    assert tokens.token_index(token) is None
+
+
+@pytest.mark.parametrize(
+    "resource,name",
+    [("example.com/token", "EXAMPLE_COM_TOKEN"), ("k8s.io/GPU_mem.v2", "K8S_IO_GPU_MEM_V2"), ("1x.io/y", "_1X_IO_Y")],
+)
+def test_env_name_derives_from_the_resource_name(resource, name):
+    assert tokens.env_name(resource) == name
+
+
+def test_allocate_tells_the_container_its_tokens():
+    policy = tokens.TokenPolicy("example.com/token", 4)
+    response = policy.allocate(["item-3", "item-1"])
+    assert dict(response.envs) == {"EXAMPLE_COM_TOKEN": "item-1,item-3"}
+    assert dict(response.annotations) == {"example.com/token": "item-1,item-3"}
+    assert policy.allocate(["item-3", "item-1"]) == response  # idempotent
+
+
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        (["item-4"], 'unknown token ID "item-4"'),
+        (["gpu-0"], 'unknown token ID "gpu-0"'),
+        ([], "no token IDs"),
+        (["item-1", "item-1"], "duplicate token IDs"),
+    ],
+)
+def test_allocate_refuses_bad_ids_with_a_clear_message(ids, message):
+    with pytest.raises(AllocationError, match=message):
+        tokens.TokenPolicy("example.com/token", 4).allocate(ids)
+
+
+def test_preferred_packs_lowest_ids_after_must_include():
+    policy = tokens.TokenPolicy("example.com/token", 12)
+    assert policy.preferred(["item-10", "item-2", "item-11", "item-9"], [], 2) == ["item-2", "item-9"]
+    assert policy.preferred(["item-10", "item-2", "item-11"], ["item-11"], 2) == ["item-11", "item-2"]
+
+
+def test_preferred_returns_everything_when_all_are_needed():
+    policy = tokens.TokenPolicy("example.com/token", 3)
+    assert sorted(policy.preferred(["item-2", "item-0", "item-1"], [], 3)) == ["item-0", "item-1", "item-2"]
+
+
+def test_preferred_reserves_nothing():
+    policy = tokens.TokenPolicy("example.com/token", 3)
+    first = policy.preferred(["item-0", "item-1", "item-2"], [], 1)
+    assert policy.preferred(["item-0", "item-1", "item-2"], [], 1) == first
+
+
+@pytest.mark.parametrize(
+    "available,must,size,message",
+    [
+        (["item-0"], [], 2, "only 1 offered"),
+        (["item-0", "item-1"], ["item-0", "item-1"], 1, "smaller than the 2 must-include"),
+        (["item-9"], [], 1, "unknown token ID"),
+    ],
+)
+def test_preferred_refuses_impossible_requests(available, must, size, message):
+    with pytest.raises(AllocationError, match=message):
+        tokens.TokenPolicy("example.com/token", 3).preferred(available, must, size)

@@ -1,0 +1,139 @@
+"""The DevicePlugin gRPC service, for any device policy.
+
+This module knows the kubelet's protocol, not what the devices are: a `DevicePolicy` supplies
+the options, the device list and the allocation decisions. A new device list is one event,
+`DevicePluginServicer.publish`, and every open ListAndWatch stream sends it once.
+"""
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import grpc
+from absl import logging
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+
+class AllocationError(Exception):
+    """A request the policy refuses; answered with INVALID_ARGUMENT and this message."""
+
+
+class DevicePolicy(Protocol):
+    def options(self) -> api_pb2.DevicePluginOptions: ...
+
+    def devices(self) -> api_pb2.ListAndWatchResponse: ...
+
+    def allocate(self, ids: Sequence[str]) -> api_pb2.ContainerAllocateResponse: ...
+
+    def preferred(
+        self, available: Sequence[str], must_include: Sequence[str], size: int
+    ) -> list[str]: ...
+
+
+class StreamListener(Protocol):
+    """Told when the kubelet opens or loses a ListAndWatch stream."""
+
+    def stream_opened(self) -> None: ...
+
+    def stream_closed(self, remaining: int) -> None: ...
+
+
+class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
+    """Serves all five DevicePlugin methods from a DevicePolicy."""
+
+    def __init__(self, policy: DevicePolicy, listener: StreamListener) -> None:
+        self._policy = policy
+        self._listener = listener
+        self._changed = threading.Condition()
+        self._snapshot = policy.devices()
+        self._generation = 0
+        self._open_streams = 0
+        self._closed = False
+
+    def publish(self, snapshot: api_pb2.ListAndWatchResponse) -> None:
+        """Sends `snapshot` on every open stream, unless it equals the one in force."""
+        with self._changed:
+            if snapshot == self._snapshot:
+                return
+            self._snapshot = snapshot
+            self._generation += 1
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Stops reporting streams to the listener: the server is going away, and stopping it
+        cancels the streams (so the kubelet sees an error, never a stream that ended OK)."""
+        with self._changed:
+            self._closed = True
+
+    @property
+    def open_streams(self) -> int:
+        with self._changed:
+            return self._open_streams
+
+    def GetDevicePluginOptions(self, request, context) -> api_pb2.DevicePluginOptions:
+        return self._policy.options()
+
+    def ListAndWatch(self, request, context) -> Iterator[api_pb2.ListAndWatchResponse]:
+        # Each stream pins a server thread; the callback wakes it when the kubelet goes away.
+        if not context.add_callback(self._wake):
+            return
+        with self._changed:
+            self._open_streams += 1
+        self._listener.stream_opened()
+        logging.vlog(1, "ListAndWatch opened")
+        try:
+            sent = -1
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: not context.is_active() or self._generation != sent)
+                    if not context.is_active():
+                        return
+                    sent, snapshot = self._generation, self._snapshot
+                logging.vlog(1, "ListAndWatch: sending %d devices", len(snapshot.devices))
+                yield snapshot
+        finally:
+            with self._changed:
+                self._open_streams -= 1
+                remaining = self._open_streams
+            if not self._closed:
+                self._listener.stream_closed(remaining)
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def GetPreferredAllocation(self, request, context) -> api_pb2.PreferredAllocationResponse:
+        response = api_pb2.PreferredAllocationResponse()
+        try:
+            for container in request.container_requests:
+                ids = self._policy.preferred(
+                    container.available_deviceIDs,
+                    container.must_include_deviceIDs,
+                    container.allocation_size,
+                )
+                response.container_responses.add(deviceIDs=ids)
+        except AllocationError as error:
+            self._refuse(context, error)
+        logging.vlog(1, "GetPreferredAllocation -> %s", [list(r.deviceIDs) for r in response.container_responses])
+        return response
+
+    def Allocate(self, request, context) -> api_pb2.AllocateResponse:
+        if not request.container_requests:
+            self._refuse(context, AllocationError("Allocate: the request has no container requests"))
+        response = api_pb2.AllocateResponse()
+        try:
+            for container in request.container_requests:
+                response.container_responses.append(self._policy.allocate(container.devices_ids))
+        except AllocationError as error:
+            self._refuse(context, error)
+        logging.vlog(1, "Allocate %s", [list(c.devices_ids) for c in request.container_requests])
+        return response
+
+    def PreStartContainer(self, request, context) -> api_pb2.PreStartContainerResponse:
+        logging.vlog(1, "PreStartContainer %s", list(request.devices_ids))
+        return api_pb2.PreStartContainerResponse()
+
+    @staticmethod
+    def _refuse(context: grpc.ServicerContext, error: AllocationError) -> None:
+        logging.warning("%s", error)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

@@ -1,0 +1,331 @@
+"""The life of one device plugin: serve, register, notice the kubelet leaving, start over.
+
+`PluginRunner.run` is a single event loop. Everything that can happen (directory events,
+ListAndWatch streams opening and closing, Register calls finishing, a stop request, a deadline)
+arrives on one queue, and each event makes the loop re-check the real state: is our socket
+still ours, is the kubelet there, are we registered. The loop knows nothing about what the
+plugin serves; the DevicePolicy does.
+"""
+
+import concurrent.futures
+import dataclasses
+import enum
+import os
+import queue
+import random
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import grpc
+from absl import logging
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+from token_resource import kubelet
+from token_resource.config import PluginConfig
+from token_resource.device_plugin import DevicePluginServicer, DevicePolicy
+
+# A stream pins a worker; leave room for overlapping streams during re-registration and for
+# the unary calls, which the kubelet must never find queued behind them.
+SERVER_THREADS = 16
+# Clients (benchmarks, fuzzers) may send large requests; the kubelet's own are small.
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+REGISTER_BACKOFF_FIRST_S = 0.5
+REGISTER_BACKOFF_CAP_S = 10.0
+
+
+class StartupError(Exception):
+    """The plugin cannot start; the message says why and what to do."""
+
+
+class _Signal(enum.Enum):
+    STOP = "stop"
+    STREAM_OPENED = "ListAndWatch opened"
+    STREAM_CLOSED = "ListAndWatch closed"
+
+
+@dataclasses.dataclass(frozen=True)
+class _RegisterDone:
+    future: "grpc.Future"
+
+
+@dataclasses.dataclass
+class _Server:
+    grpc_server: grpc.Server
+    servicer: DevicePluginServicer
+    inode: tuple[int, int] | None
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class PluginRunner:
+    """Serves one DevicePolicy on one socket and keeps it registered with the kubelet."""
+
+    def __init__(
+        self, config: PluginConfig, policy: DevicePolicy, list_and_watch_timeout_s: float = 20.0
+    ) -> None:
+        self.config = config
+        self._policy = policy
+        self._list_and_watch_timeout_s = list_and_watch_timeout_s
+        self._events: queue.Queue = queue.Queue()
+        self._server: _Server | None = None
+        self._pending: grpc.Future | None = None
+        self._want_register = True
+        self._next_attempt = 0.0
+        self._failures = 0
+        self._list_and_watch_deadline: float | None = None
+        self._waiting_logged = False
+        self._stream_since_attempt = False
+
+    # Thread-safe entry points -------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._events.put(_Signal.STOP)
+
+    def stream_opened(self) -> None:
+        self._events.put(_Signal.STREAM_OPENED)
+
+    def stream_closed(self, remaining: int) -> None:
+        self._events.put((_Signal.STREAM_CLOSED, remaining))
+
+    # The loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Runs until stop(); raises StartupError if the plugin cannot serve at all."""
+        self._start_server()
+        watch = self._watch_directory()
+        try:
+            while True:
+                self._converge()
+                try:
+                    event = self._events.get(timeout=self._timeout())
+                except queue.Empty:
+                    event = None
+                if event is _Signal.STOP:
+                    return
+                self._handle(event)
+        finally:
+            if self._pending is not None:
+                self._pending.cancel()
+            watch.close()
+            self._stop_server()
+            logging.info("%s: stopped", self.config.resource)
+
+    def _watch_directory(self) -> kubelet.DirectoryWatch:
+        try:
+            return kubelet.DirectoryWatch(self.config.plugin_dir, self.config.socket, self._events.put)
+        except OSError as error:
+            self._stop_server()
+            raise StartupError(f"cannot watch {self.config.plugin_dir}: {error.strerror}") from None
+
+    def _timeout(self) -> float | None:
+        deadlines = [d for d in (self._list_and_watch_deadline,) if d is not None]
+        if self._want_register and self._pending is None:
+            deadlines.append(self._next_attempt)
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _converge(self) -> None:
+        """Acts on the real state: our socket, the kubelet's socket, the registration."""
+        server = self._server
+        if server is None or server.inode is None or _inode(self.config.socket_path) != server.inode:
+            if server is not None:
+                logging.info("%s: plugin socket removed (kubelet restart); serving again", self.config.resource)
+            self._stop_server()
+            self._start_server()
+            self._want_register = True
+            self._restart_backoff()
+        now = time.monotonic()
+        if self._list_and_watch_deadline is not None and now >= self._list_and_watch_deadline:
+            logging.warning(
+                "%s: the kubelet did not call ListAndWatch within %.0f s of registering; registering again",
+                self.config.resource,
+                self._list_and_watch_timeout_s,
+            )
+            self._list_and_watch_deadline = None
+            self._want_register = True
+        if self._want_register and self._pending is None and now >= self._next_attempt:
+            self._attempt_register()
+
+    def _handle(self, event: object) -> None:
+        if event is kubelet.DirectoryEvent.KUBELET_SOCKET_CREATED:
+            logging.info("%s: kubelet.sock created (kubelet restart); registering again", self.config.resource)
+            self._reregister_now()
+        elif event is kubelet.DirectoryEvent.DIRECTORY_REMOVED:
+            raise StartupError(f"the device-plugin directory {self.config.plugin_dir} was removed")
+        elif event is _Signal.STREAM_OPENED:
+            self._list_and_watch_deadline = None
+            self._stream_since_attempt = True
+            logging.info("%s: kubelet opened ListAndWatch", self.config.resource)
+        elif isinstance(event, tuple) and event[0] is _Signal.STREAM_CLOSED and event[1] == 0:
+            logging.info("%s: ListAndWatch stream ended (kubelet gone); registering again", self.config.resource)
+            self._reregister_now()
+        elif isinstance(event, _RegisterDone) and event.future is self._pending:
+            self._pending = None
+            self._registration_finished(event.future)
+        # SOCKET_REMOVED needs no handling here: _converge compares the socket's inode.
+
+    # Registration ---------------------------------------------------------------------------
+
+    def _reregister_now(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        self._list_and_watch_deadline = None
+        self._want_register = True
+        self._restart_backoff()
+
+    def _restart_backoff(self) -> None:
+        self._failures = 0
+        self._next_attempt = 0.0
+
+    def _attempt_register(self) -> None:
+        if not os.path.exists(self.config.kubelet_socket_path):
+            if not self._waiting_logged:
+                logging.info("%s: waiting for %s", self.config.resource, self.config.kubelet_socket_path)
+                self._waiting_logged = True
+            self._back_off()  # the CREATE event normally comes first; this covers a missed one
+            return
+        self._waiting_logged = False
+        future = kubelet.register(
+            self.config.kubelet_socket_path,
+            self.config.socket,
+            self.config.resource,
+            self._policy.options(),
+        )
+        self._pending = future
+        self._stream_since_attempt = False
+        future.add_done_callback(lambda done: self._events.put(_RegisterDone(done)))
+
+    def _registration_finished(self, future: "grpc.Future") -> None:
+        try:
+            future.result()
+        except grpc.FutureCancelledError:
+            return
+        except grpc.RpcError as error:
+            delay = self._back_off()
+            logging.warning(
+                "%s: Register failed (%s); retrying in %.1f s",
+                self.config.resource,
+                kubelet.describe_rpc_error(error),
+                delay,
+            )
+            return
+        self._want_register = False
+        self._failures = 0
+        if not self._stream_since_attempt:  # E2 kubelets often open it before Register returns
+            self._list_and_watch_deadline = time.monotonic() + self._list_and_watch_timeout_s
+        logging.info(
+            "%s: registered with the kubelet as %s (%d devices)",
+            self.config.resource,
+            self.config.socket,
+            len(self._policy.devices().devices),
+        )
+
+    def _back_off(self) -> float:
+        """Capped exponential back-off with jitter, so restarted nodes do not retry in step."""
+        ceiling = min(REGISTER_BACKOFF_CAP_S, REGISTER_BACKOFF_FIRST_S * 2**self._failures)
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        self._failures += 1
+        self._next_attempt = time.monotonic() + delay
+        return delay
+
+    # The gRPC server -----------------------------------------------------------------------
+
+    def _start_server(self) -> None:
+        path = self.config.socket_path
+        if not os.path.isdir(self.config.plugin_dir):
+            raise StartupError(
+                f"the device-plugin directory {self.config.plugin_dir} does not exist "
+                "(is the kubelet's directory mounted? see --plugin_dir)"
+            )
+        _claim_socket(path)
+        servicer = DevicePluginServicer(self._policy, self)
+        server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="grpc"),
+            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)],
+        )
+        api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        except RuntimeError:
+            raise StartupError(
+                f"cannot create the socket {path}: is {self.config.plugin_dir} writable?"
+            ) from None
+        server.start()
+        # None if the kubelet deleted the socket at once (it was starting): the loop serves again.
+        self._server = _Server(server, servicer, _inode(path))
+        logging.info("%s: serving on %s", self.config.resource, path)
+
+    def _stop_server(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.servicer.close()
+        server.grpc_server.stop(grace=None)
+        # Remove the socket only if it is still the one we created: never the kubelet's, and
+        # never a newer instance's.
+        if _inode(self.config.socket_path) == server.inode:
+            try:
+                os.unlink(self.config.socket_path)
+            except FileNotFoundError:
+                pass
+
+    def publish(self, snapshot: api_pb2.ListAndWatchResponse) -> None:
+        if self._server is not None:
+            self._server.servicer.publish(snapshot)
+
+
+def _claim_socket(path: str) -> None:
+    """Removes a stale socket left by a crashed run; refuses to take over a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        logging.info("removing stale socket %s left by an earlier run", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise StartupError(
+        f"another process is serving on {path}; stop it or give this one another --socket"
+    )
+
+
+def handle_signals(handlers: Mapping[signal.Signals, Callable[[], None]]) -> None:
+    """Runs handlers[signum]() on a helper thread as each signal arrives.
+
+    Python runs signal handlers only in the main thread, between bytecodes; when the signal lands
+    on one of gRPC's threads while the main thread sleeps on a lock, the handler waits. The
+    interpreter's C-level handler writes the signal number to the wakeup fd at once, whichever
+    thread takes it, so a thread reading that fd reacts immediately. Call from the main thread.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    for signum in handlers:
+        signal.signal(signum, lambda *_: None)  # the work happens on the helper thread
+
+    def dispatch() -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                handler = handlers.get(signal.Signals(signum))
+                if handler is not None:
+                    handler()
+
+    threading.Thread(target=dispatch, name="signals", daemon=True).start()

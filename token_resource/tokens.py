@@ -1,0 +1,138 @@
+"""The token policy: N interchangeable, always-healthy tokens of one extended resource.
+
+Token IDs are item-0 ... item-<N-1>, the same IDs as the original Go plugin, so they stay valid
+in the kubelet's checkpoint across restarts and across a swap of the binary. Everything here is
+pure; the kubelet-facing machinery in device_plugin.py calls it.
+"""
+
+import re
+from collections.abc import Collection, Sequence
+
+from deviceplugin.v1beta1 import api_pb2
+
+from token_resource.device_plugin import AllocationError
+
+HEALTHY = "Healthy"
+ID_PREFIX = "item-"
+# The kubelet's gRPC client refuses any message above gRPC-Go's default receive limit.
+KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+OPTIONS = api_pb2.DevicePluginOptions(
+    pre_start_required=False,  # nothing to prepare per container; saves the kubelet an RPC
+    get_preferred_allocation_available=True,
+)
+
+
+def token_id(index: int) -> str:
+    return f"{ID_PREFIX}{index}"
+
+
+def token_index(token: str) -> int | None:
+    """The index of a well-formed token ID (no sign, no leading zero), else None."""
+    digits = token[len(ID_PREFIX) :] if token.startswith(ID_PREFIX) else ""
+    if digits == "0" or re.fullmatch(r"[1-9][0-9]*", digits):
+        return int(digits)
+    return None
+
+
+def snapshot(count: int) -> api_pb2.ListAndWatchResponse:
+    return api_pb2.ListAndWatchResponse(
+        devices=[api_pb2.Device(ID=token_id(i), health=HEALTHY) for i in range(count)]
+    )
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def snapshot_bytes(count: int) -> int:
+    """Encoded size of snapshot(count), computed without building it.
+
+    Each device is field 1 of the response holding a Device with ID (field 1) and health
+    (field 2): tag + length + body for each.
+    """
+    total = 0
+    digits, first = 1, 0
+    while first < count:
+        last = min(count, 10**digits)  # IDs first..last-1 have `digits` digits
+        id_len = len(ID_PREFIX) + digits
+        device = (1 + _varint_size(id_len) + id_len) + (1 + 1 + len(HEALTHY))
+        total += (last - first) * (1 + _varint_size(device) + device)
+        first, digits = last, digits + 1
+    return total
+
+
+def max_count(limit: int = KUBELET_MAX_MESSAGE_BYTES) -> int:
+    """The largest count whose snapshot the kubelet can receive."""
+    low, high = 0, limit  # every device takes more than one byte
+    while low < high:
+        middle = (low + high + 1) // 2
+        if snapshot_bytes(middle) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def env_name(resource: str) -> str:
+    """The environment variable that lists a container's tokens: example.com/token ->
+    EXAMPLE_COM_TOKEN (letters, digits and underscores; never starting with a digit)."""
+    name = re.sub(r"[^A-Z0-9]", "_", resource.upper())
+    return "_" + name if name[0].isdigit() else name
+
+
+class TokenPolicy:
+    """Serves `count` tokens of `resource`."""
+
+    def __init__(self, resource: str, count: int) -> None:
+        self.resource = resource
+        self.count = count
+
+    def options(self) -> api_pb2.DevicePluginOptions:
+        return OPTIONS
+
+    def devices(self) -> api_pb2.ListAndWatchResponse:
+        return snapshot(self.count)
+
+    def _check_ids(self, ids: Collection[str], what: str) -> None:
+        for token in ids:
+            index = token_index(token)
+            if index is None or index >= self.count:
+                raise AllocationError(
+                    f'{what}: unknown token ID "{token}" for {self.resource}: this node has '
+                    f"{token_id(0)} to {token_id(self.count - 1)}"
+                )
+
+    def allocate(self, ids: Sequence[str]) -> api_pb2.ContainerAllocateResponse:
+        """Tells the container which tokens it holds. Stateless, hence idempotent: the kubelet
+        never says when tokens are freed, and may repeat an Allocate for the same IDs."""
+        if not ids:
+            raise AllocationError(f"Allocate: a container request for {self.resource} has no token IDs")
+        if len(set(ids)) != len(ids):
+            raise AllocationError(f"Allocate: duplicate token IDs in {list(ids)}")
+        self._check_ids(ids, "Allocate")
+        held = ",".join(sorted(ids, key=token_index))
+        return api_pb2.ContainerAllocateResponse(
+            envs={env_name(self.resource): held},
+            annotations={self.resource: held},
+        )
+
+    def preferred(
+        self, available: Sequence[str], must_include: Sequence[str], size: int
+    ) -> list[str]:
+        """Packs: the must-include tokens, then the lowest-numbered available ones."""
+        self._check_ids(available, "GetPreferredAllocation")
+        self._check_ids(must_include, "GetPreferredAllocation")
+        chosen = list(dict.fromkeys(must_include))
+        if size < len(chosen):
+            raise AllocationError(
+                f"GetPreferredAllocation: allocation size {size} is smaller than the "
+                f"{len(chosen)} must-include tokens"
+            )
+        rest = sorted(set(available) - set(chosen), key=token_index)
+        if len(chosen) + len(rest) < size:
+            raise AllocationError(
+                f"GetPreferredAllocation: {size} tokens requested but only "
+                f"{len(chosen) + len(rest)} offered"
+            )
+        return chosen + rest[: size - len(chosen)]
