@@ -6,15 +6,10 @@ import signal
 import subprocess
 import tempfile
 
-WORKSPACE = "io_example_token_resource"
-
-
 def binary_path() -> str:
-    """The py_binary //token_resource from this test's (or `bazel run`'s) runfiles."""
-    runfiles = os.environ.get("TEST_SRCDIR") or os.environ.get("PYTHON_RUNFILES")
-    if not runfiles:
-        raise RuntimeError("run under Bazel: no TEST_SRCDIR or PYTHON_RUNFILES")
-    return os.path.join(runfiles, WORKSPACE, "token_resource", "token_resource")
+    """The py_binary //token_resource, from the runfiles tree this module runs in."""
+    workspace_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(workspace_root, "token_resource", "token_resource")
 
 
 def short_tempdir(prefix: str = "tr-") -> str:

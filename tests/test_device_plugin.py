@@ -1,0 +1,126 @@
+"""The DevicePlugin servicer over a real unix socket, with the token policy behind it."""
+
+import concurrent.futures
+import queue
+import shutil
+
+import grpc
+import pytest
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+from tests.daemon import short_tempdir
+from token_resource import tokens
+from token_resource.device_plugin import DevicePluginServicer
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def stream_opened(self) -> None:
+        self.events.put("opened")
+
+    def stream_closed(self, remaining: int) -> None:
+        self.events.put(("closed", remaining))
+
+
+@pytest.fixture
+def served():
+    """(servicer, stub, listener) for a servicer with 3 tokens on a unix socket."""
+    directory = short_tempdir()
+    listener = Listener()
+    servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix:{directory}/p.sock")
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{directory}/p.sock")
+    yield servicer, api_pb2_grpc.DevicePluginStub(channel), listener
+    channel.close()
+    server.stop(None).wait()
+    shutil.rmtree(directory)
+
+
+def ids(snapshot: api_pb2.ListAndWatchResponse) -> list[str]:
+    return [d.ID for d in snapshot.devices]
+
+
+def test_list_and_watch_sends_the_snapshot_then_only_changes(served):
+    servicer, stub, listener = served
+    stream = stub.ListAndWatch(api_pb2.Empty())
+    assert ids(next(stream)) == ["item-0", "item-1", "item-2"]
+    assert listener.events.get(timeout=5) == "opened"
+    servicer.publish(tokens.snapshot(3))  # unchanged: nothing is sent
+    servicer.publish(tokens.snapshot(1))
+    assert ids(next(stream)) == ["item-0"]
+    stream.cancel()
+
+
+def test_every_open_stream_gets_each_change(served):
+    servicer, stub, _ = served
+    streams = [stub.ListAndWatch(api_pb2.Empty()) for _ in range(3)]
+    for stream in streams:
+        next(stream)
+    servicer.publish(tokens.snapshot(2))
+    assert [ids(next(s)) for s in streams] == [["item-0", "item-1"]] * 3
+    for stream in streams:
+        stream.cancel()
+
+
+def test_a_cancelled_stream_is_reported_with_the_streams_left(served):
+    servicer, stub, listener = served
+    first, second = stub.ListAndWatch(api_pb2.Empty()), stub.ListAndWatch(api_pb2.Empty())
+    next(first), next(second)
+    assert [listener.events.get(timeout=5) for _ in range(2)] == ["opened", "opened"]
+    first.cancel()
+    assert listener.events.get(timeout=5) == ("closed", 1)
+    second.cancel()
+    assert listener.events.get(timeout=5) == ("closed", 0)
+    assert servicer.open_streams == 0
+
+
+def test_all_five_methods_answer(served):
+    _, stub, _ = served
+    options = stub.GetDevicePluginOptions(api_pb2.Empty())
+    assert options.get_preferred_allocation_available and not options.pre_start_required
+    preferred = stub.GetPreferredAllocation(
+        api_pb2.PreferredAllocationRequest(
+            container_requests=[
+                api_pb2.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=["item-2", "item-1", "item-0"], must_include_deviceIDs=["item-2"], allocation_size=2
+                )
+            ]
+        )
+    )
+    assert list(preferred.container_responses[0].deviceIDs) == ["item-2", "item-0"]
+    allocated = stub.Allocate(
+        api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])])
+    )
+    assert dict(allocated.container_responses[0].envs) == {"EXAMPLE_COM_TOKEN": "item-2"}
+    assert stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["item-2"])) == api_pb2.PreStartContainerResponse()
+
+
+@pytest.mark.parametrize(
+    "call,request_message,message",
+    [
+        ("Allocate", api_pb2.AllocateRequest(), "no container requests"),
+        (
+            "Allocate",
+            api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-3"])]),
+            'unknown token ID "item-3"',
+        ),
+        (
+            "GetPreferredAllocation",
+            api_pb2.PreferredAllocationRequest(
+                container_requests=[api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=["item-0"], allocation_size=2)]
+            ),
+            "only 1 offered",
+        ),
+    ],
+)
+def test_refusals_are_invalid_argument_with_the_reason(served, call, request_message, message):
+    _, stub, _ = served
+    with pytest.raises(grpc.RpcError) as raised:
+        getattr(stub, call)(request_message)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.details()
