@@ -196,6 +196,10 @@ class FakeKubelet:
     def _register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         with self._state:
             self.register_requests.append(request)
+            current = self.resources.get(request.resource_name)
+            if current is not None and current.connected:
+                # On 1.25-1.36 the old stream's later end disconnects the new registration.
+                self.violations.append(f"{request.resource_name}: registered again while its stream is open")
             self._state.notify_all()
         if request.version not in self.supported_versions:
             supported = "[" + " ".join(f'"{v}"' for v in self.supported_versions) + "]"

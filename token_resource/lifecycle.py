@@ -85,6 +85,7 @@ class PluginRunner:
         self._list_and_watch_deadline: float | None = None
         self._waiting_logged = False
         self._stream_since_attempt = False
+        self._attempted_kubelet: tuple[int, int] | None = None  # kubelet.sock of the last attempt
 
     # Thread-safe entry points -------------------------------------------------------------
 
@@ -157,8 +158,11 @@ class PluginRunner:
 
     def _handle(self, event: object) -> None:
         if event is kubelet.DirectoryEvent.KUBELET_SOCKET_CREATED:
-            logging.info("%s: kubelet.sock created (kubelet restart); registering again", self.config.resource)
-            self._reregister_now()
+            # Level-triggered: an attempt already made to this very kubelet.sock stands, so a
+            # restart seen both as a closed stream and as a new socket registers only once.
+            if _inode(self.config.kubelet_socket_path) != self._attempted_kubelet:
+                logging.info("%s: kubelet.sock created (kubelet restart); registering again", self.config.resource)
+                self._reregister_now()
         elif event is kubelet.DirectoryEvent.DIRECTORY_REMOVED:
             raise StartupError(f"the device-plugin directory {self.config.plugin_dir} was removed")
         elif event is _Signal.STREAM_OPENED:
@@ -195,6 +199,7 @@ class PluginRunner:
             self._back_off()  # the CREATE event normally comes first; this covers a missed one
             return
         self._waiting_logged = False
+        self._attempted_kubelet = _inode(self.config.kubelet_socket_path)
         future = kubelet.register(
             self.config.kubelet_socket_path,
             self.config.socket,
