@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 
@@ -66,3 +67,10 @@ class Daemon:
 def run_to_exit(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
     """Runs the binary to completion (bad flags, --version) and returns its output."""
     return subprocess.run([binary_path(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (for the daemon's --http_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -55,3 +55,58 @@ def test_socket_paths_are_joined_onto_the_plugin_directory():
     plugin = config.PluginConfig(resource="example.com/token", count=2, socket="t.sock", plugin_dir="/d")
     assert plugin.socket_path == "/d/t.sock"
     assert plugin.kubelet_socket_path == "/d/kubelet.sock"
+
+
+def parse(text: str, node: str | None = None):
+    return config.parse_config(text, "/d", node)
+
+
+def test_a_config_file_declares_several_resources_with_per_node_counts():
+    text = """
+resources:
+  - name: example.com/token
+    count: 2
+    nodes: {worker-1: 5, worker-2: 0}
+  - name: example.com/license
+    count: 1
+    socket: licenses.sock
+"""
+    assert parse(text, "worker-1") == (
+        config.PluginConfig("example.com/token", 5, "token-resource-example.com_token.sock", "/d"),
+        config.PluginConfig("example.com/license", 1, "licenses.sock", "/d"),
+    )
+    assert parse(text, "worker-2")[0].count == 0
+    assert parse(text, "worker-9")[0].count == 2
+    assert parse(text, None)[0].count == 2
+
+
+def test_json_is_accepted_too():
+    assert parse('{"resources": [{"name": "example.com/token", "count": 3}]}')[0].count == 3
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("resources: [", "not valid YAML or JSON (line 1)"),
+        ("[]", 'expected a mapping with a list under "resources"'),
+        ("resources: []", "resources is empty"),
+        ("resources: [{name: example.com/t}]\nextra: 1", "unknown top-level key(s) ['extra']"),
+        ("resources: [{count: 2}]", "resources[0]: name is required"),
+        ("resources: [{name: gpu}]", "resources[0] (gpu): resource name"),
+        ("resources: [{name: example.com/t, cout: 2}]", "unknown key(s) ['cout']"),
+        ("resources: [{name: example.com/t, count: two}]", "count must be an integer, not 'two'"),
+        ("resources: [{name: example.com/t, count: -1}]", "resources[0] (example.com/t): count must be zero or more, not -1"),
+        ("resources: [{name: example.com/t, count: 999999}]", "count 999999 is too large"),
+        ("resources: [{name: example.com/t, count: true}]", "must be an integer"),
+        ("resources: [{name: example.com/t, nodes: {a: x}}]", "nodes.a must be an integer"),
+        ("resources: [{name: example.com/t, nodes: [a]}]", "nodes must map node names to counts"),
+        ("resources: [{name: example.com/t, socket: a/b}]", "bare file name"),
+        ("resources: [{name: example.com/t}, {name: example.com/t, socket: x}]", "resource example.com/t is declared more than once"),
+        ("resources: [{name: example.com/a, socket: s}, {name: example.com/b, socket: s}]", "socket s is declared more than once"),
+        ("resources: [{name: example.com/t, socket: " + "s" * 110 + "}]", "longer than 107 bytes"),
+    ],
+)
+def test_a_bad_config_file_is_refused_with_the_reason(text, message):
+    with pytest.raises(config.ConfigError) as raised:
+        parse(text)
+    assert message in str(raised.value)

@@ -206,10 +206,10 @@ def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--count=0"], "count must be a positive integer"),
-        (["--count=-3"], "count must be a positive integer"),
+        (["--count=0"], "flag --count=0: must be a positive integer, not 0"),
+        (["--count=-3"], "must be a positive integer, not -3"),
         (["--count=two"], "--count"),
-        (["--count=1000000"], "fits at most 179392 tokens"),
+        (["--count=1000000"], "1000000 is too large: one ListAndWatch snapshot must stay under the kubelet's 4 MiB message limit, which fits at most 179392 tokens"),
         (["--resource=gpu"], "needs a domain prefix"),
         (["--resource=kubernetes.io/x"], "reserved"),
         (["--resource=Example.com/x"], "lower-case DNS subdomain"),

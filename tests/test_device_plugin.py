@@ -29,7 +29,7 @@ def served():
     """(servicer, stub, listener) for a servicer with 3 tokens on a unix socket."""
     directory = short_tempdir()
     listener = Listener()
-    servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener)
+    servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener, "example.com/token")
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
     api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{directory}/p.sock")

@@ -1,15 +1,25 @@
-"""What one device plugin serves, and the kubelet's rules for each setting.
+"""What the daemon serves: flags or a configuration file, and the kubelet's rules for each
+setting.
 
-Validation here is the kubelet's own (IsExtendedResourceName, endpoint handling), so a bad
-setting fails at start-up with one clear line instead of as a silent registration failure.
+Validation here is the kubelet's own (IsExtendedResourceName, endpoint handling, the 4 MiB
+message limit), so a bad setting fails with one clear line instead of as a silent
+registration failure. A configuration file declares one or more resources, each with a count
+and optional per-node counts; see k8s/config.yaml for a commented example.
 """
 
 import dataclasses
 import os
 import re
+from typing import Any
+
+import yaml
+
+from token_resource import tokens
 
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 KUBELET_SOCKET = "kubelet.sock"
+# sockaddr_un.sun_path holds 108 bytes, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
 
 # A DNS-1123 subdomain label, lower case; the name part of a qualified name.
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -68,3 +78,100 @@ def check_socket_name(socket: str) -> None:
         raise ConfigError(f'socket "{socket}" must be a bare file name such as token-resource.sock')
     if socket == KUBELET_SOCKET:
         raise ConfigError(f'socket "{socket}" is the kubelet\'s own socket; choose another name')
+
+
+def check_count(count: int, minimum: int = 1) -> None:
+    if count < minimum:
+        raise ConfigError(f"must be {'a positive integer' if minimum else 'zero or more'}, not {count}")
+    limit = tokens.max_count()
+    if count > limit:
+        raise ConfigError(
+            f"{count} is too large: one ListAndWatch snapshot must stay under the kubelet's "
+            f"4 MiB message limit, which fits at most {limit} tokens"
+        )
+
+
+def check_plugin(plugin: PluginConfig) -> None:
+    """Checks what single settings cannot show: the socket path must fit a sockaddr_un."""
+    if len(os.fsencode(plugin.socket_path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"socket path {plugin.socket_path} is longer than {MAX_SOCKET_PATH_BYTES} bytes; "
+            "choose a shorter socket name"
+        )
+
+
+def default_socket(resource: str) -> str:
+    """example.com/token -> token-resource-example.com_token.sock"""
+    return f"token-resource-{resource.replace('/', '_')}.sock"
+
+
+_RESOURCE_KEYS = {"name", "count", "socket", "nodes"}
+
+
+def parse_config(text: str, plugin_dir: str, node_name: str | None) -> tuple[PluginConfig, ...]:
+    """The resources a configuration file declares, with the counts for `node_name`.
+
+    Raises ConfigError naming the offending entry; the file is accepted or refused whole.
+    """
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"not valid YAML or JSON{line}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("resources"), list):
+        raise ConfigError('expected a mapping with a list under "resources"')
+    unknown = set(document) - {"resources"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; the only key is resources")
+    if not document["resources"]:
+        raise ConfigError("resources is empty; declare at least one resource")
+    plugins = [_parse_resource(i, entry, plugin_dir, node_name) for i, entry in enumerate(document["resources"])]
+    for attribute in ("resource", "socket"):
+        values = [getattr(p, attribute) for p in plugins]
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise ConfigError(f"{attribute} {duplicates[0]} is declared more than once")
+    return tuple(plugins)
+
+
+def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | None) -> PluginConfig:
+    where = f"resources[{index}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping with name and count")
+    unknown = set(entry) - _RESOURCE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {sorted(_RESOURCE_KEYS)}")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name is required, e.g. name: example.com/token")
+    where = f"{where} ({name})"
+    try:
+        check_resource_name(name)
+        count = _count(entry.get("count", 1), f"{where}: count")
+        nodes = entry.get("nodes") or {}
+        if not isinstance(nodes, dict):
+            raise ConfigError(f"{where}: nodes must map node names to counts")
+        overrides = {str(node): _count(value, f"{where}: nodes.{node}") for node, value in nodes.items()}
+        socket = entry.get("socket", default_socket(name))
+        if not isinstance(socket, str):
+            raise ConfigError(f"{where}: socket must be a file name")
+        check_socket_name(socket)
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+    if node_name is not None and node_name in overrides:
+        count = overrides[node_name]
+    plugin = PluginConfig(resource=name, count=count, socket=socket, plugin_dir=plugin_dir)
+    check_plugin(plugin)
+    return plugin
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer, not {value!r}")
+    try:
+        check_count(value, minimum=0)
+    except ConfigError as error:
+        raise ConfigError(f"{where} {error}") from None
+    return value

@@ -13,6 +13,8 @@ import grpc
 from absl import logging
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
+from token_resource import metrics
+
 
 class AllocationError(Exception):
     """A request the policy refuses; answered with INVALID_ARGUMENT and this message."""
@@ -41,8 +43,9 @@ class StreamListener(Protocol):
 class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     """Serves all five DevicePlugin methods from a DevicePolicy."""
 
-    def __init__(self, policy: DevicePolicy, listener: StreamListener) -> None:
+    def __init__(self, policy: DevicePolicy, listener: StreamListener, resource: str) -> None:
         self._policy = policy
+        self._resource = resource
         self._listener = listener
         self._changed = threading.Condition()
         self._snapshot = policy.devices()
@@ -70,11 +73,16 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         with self._changed:
             return self._open_streams
 
+    def _count(self, method: str) -> None:
+        metrics.CALLS.labels(self._resource, method).inc()
+
     def GetDevicePluginOptions(self, request, context) -> api_pb2.DevicePluginOptions:
+        self._count("GetDevicePluginOptions")
         return self._policy.options()
 
     def ListAndWatch(self, request, context) -> Iterator[api_pb2.ListAndWatchResponse]:
         # Each stream pins a server thread; the callback wakes it when the kubelet goes away.
+        self._count("ListAndWatch")
         if not context.add_callback(self._wake):
             return
         with self._changed:
@@ -103,6 +111,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             self._changed.notify_all()
 
     def GetPreferredAllocation(self, request, context) -> api_pb2.PreferredAllocationResponse:
+        self._count("GetPreferredAllocation")
         response = api_pb2.PreferredAllocationResponse()
         try:
             for container in request.container_requests:
@@ -113,27 +122,29 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
                 )
                 response.container_responses.add(deviceIDs=ids)
         except AllocationError as error:
-            self._refuse(context, error)
+            self._refuse(context, "GetPreferredAllocation", error)
         logging.vlog(1, "GetPreferredAllocation -> %s", [list(r.deviceIDs) for r in response.container_responses])
         return response
 
     def Allocate(self, request, context) -> api_pb2.AllocateResponse:
+        self._count("Allocate")
         if not request.container_requests:
-            self._refuse(context, AllocationError("Allocate: the request has no container requests"))
+            self._refuse(context, "Allocate", AllocationError("Allocate: the request has no container requests"))
         response = api_pb2.AllocateResponse()
         try:
             for container in request.container_requests:
                 response.container_responses.append(self._policy.allocate(container.devices_ids))
         except AllocationError as error:
-            self._refuse(context, error)
+            self._refuse(context, "Allocate", error)
         logging.vlog(1, "Allocate %s", [list(c.devices_ids) for c in request.container_requests])
         return response
 
     def PreStartContainer(self, request, context) -> api_pb2.PreStartContainerResponse:
+        self._count("PreStartContainer")
         logging.vlog(1, "PreStartContainer %s", list(request.devices_ids))
         return api_pb2.PreStartContainerResponse()
 
-    @staticmethod
-    def _refuse(context: grpc.ServicerContext, error: AllocationError) -> None:
-        logging.warning("%s", error)
+    def _refuse(self, context: grpc.ServicerContext, method: str, error: AllocationError) -> None:
+        metrics.CALL_ERRORS.labels(self._resource, method).inc()
+        logging.warning("%s: %s", self._resource, error)
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

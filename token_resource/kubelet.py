@@ -6,14 +6,13 @@ directory is watched with inotify and each event is handed on as a `DirectoryEve
 """
 
 import enum
-import os
-import select
-import threading
 from collections.abc import Callable
 
 import grpc
-import inotify_simple
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+
+from token_resource import watch
+from token_resource.config import KUBELET_SOCKET
 
 API_VERSION = "v1beta1"
 # The kubelet (1.25+) dials back and calls GetDevicePluginOptions before it answers, allowing
@@ -55,44 +54,27 @@ class DirectoryWatch:
     """Reports removals of one socket and creations of kubelet.sock in the plugin directory."""
 
     _MASK = (
-        inotify_simple.flags.CREATE
-        | inotify_simple.flags.DELETE
-        | inotify_simple.flags.MOVED_FROM
-        | inotify_simple.flags.MOVED_TO
-        | inotify_simple.flags.DELETE_SELF
-        | inotify_simple.flags.MOVE_SELF
+        watch.flags.CREATE
+        | watch.flags.DELETE
+        | watch.flags.MOVED_FROM
+        | watch.flags.MOVED_TO
+        | watch.flags.DELETE_SELF
+        | watch.flags.MOVE_SELF
     )
 
     def __init__(self, directory: str, socket: str, on_event: Callable[[DirectoryEvent], None]) -> None:
         self._socket = socket
         self._on_event = on_event
-        self._inotify = inotify_simple.INotify()
-        try:
-            self._inotify.add_watch(directory, self._MASK)
-        except OSError:
-            self._inotify.close()
-            raise
-        self._wake_read, self._wake_write = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="directory-watch", daemon=True)
-        self._thread.start()
+        self._events = watch.DirectoryEvents(directory, self._MASK, self._translate, name="plugin-dir-watch")
 
     def close(self) -> None:
-        os.write(self._wake_write, b"x")
-        self._thread.join()
-        for fd in (self._wake_read, self._wake_write):
-            os.close(fd)
-        self._inotify.close()
+        self._events.close()
 
-    def _run(self) -> None:
-        flags = inotify_simple.flags
-        while True:
-            ready, _, _ = select.select([self._inotify, self._wake_read], [], [])
-            if self._wake_read in ready:
-                return
-            for event in self._inotify.read(timeout=0):
-                if event.mask & (flags.DELETE_SELF | flags.MOVE_SELF):
-                    self._on_event(DirectoryEvent.DIRECTORY_REMOVED)
-                elif event.name == self._socket and event.mask & (flags.DELETE | flags.MOVED_FROM):
-                    self._on_event(DirectoryEvent.SOCKET_REMOVED)
-                elif event.name == "kubelet.sock" and event.mask & (flags.CREATE | flags.MOVED_TO):
-                    self._on_event(DirectoryEvent.KUBELET_SOCKET_CREATED)
+    def _translate(self, name: str, mask: int) -> None:
+        flags = watch.flags
+        if mask & (flags.DELETE_SELF | flags.MOVE_SELF):
+            self._on_event(DirectoryEvent.DIRECTORY_REMOVED)
+        elif name == self._socket and mask & (flags.DELETE | flags.MOVED_FROM):
+            self._on_event(DirectoryEvent.SOCKET_REMOVED)
+        elif name == KUBELET_SOCKET and mask & (flags.CREATE | flags.MOVED_TO):
+            self._on_event(DirectoryEvent.KUBELET_SOCKET_CREATED)

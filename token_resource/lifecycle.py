@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 
 import grpc
 from absl import logging
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from deviceplugin.v1beta1 import api_pb2_grpc
 
-from token_resource import kubelet
+from token_resource import kubelet, metrics
 from token_resource.config import PluginConfig
 from token_resource.device_plugin import DevicePluginServicer, DevicePolicy
 
@@ -45,6 +45,13 @@ class _Signal(enum.Enum):
     STOP = "stop"
     STREAM_OPENED = "ListAndWatch opened"
     STREAM_CLOSED = "ListAndWatch closed"
+    DEVICES_CHANGED = "the policy's device list changed"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerStatus:
+    serving: bool
+    registered: bool  # Register succeeded and the kubelet holds a ListAndWatch stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +105,16 @@ class PluginRunner:
     def stream_closed(self, remaining: int) -> None:
         self._events.put((_Signal.STREAM_CLOSED, remaining))
 
+    def devices_changed(self) -> None:
+        """The policy's device list changed: send it to the kubelet."""
+        self._events.put(_Signal.DEVICES_CHANGED)
+
+    def status(self) -> RunnerStatus:
+        server = self._server
+        streams = server.servicer.open_streams if server is not None else 0
+        registered = not self._want_register and self._pending is None and streams > 0
+        return RunnerStatus(serving=server is not None, registered=registered)
+
     # The loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -140,6 +157,7 @@ class PluginRunner:
         if server is None or server.inode is None or _inode(self.config.socket_path) != server.inode:
             if server is not None:
                 logging.info("%s: plugin socket removed (kubelet restart); serving again", self.config.resource)
+                metrics.KUBELET_RESTARTS.labels(self.config.resource).inc()
             self._stop_server()
             self._start_server()
             self._want_register = True
@@ -165,6 +183,11 @@ class PluginRunner:
                 self._reregister_now()
         elif event is kubelet.DirectoryEvent.DIRECTORY_REMOVED:
             raise StartupError(f"the device-plugin directory {self.config.plugin_dir} was removed")
+        elif event is _Signal.DEVICES_CHANGED:
+            snapshot = self._policy.devices()
+            metrics.TOKENS.labels(self.config.resource).set(len(snapshot.devices))
+            if self._server is not None:
+                self._server.servicer.publish(snapshot)
         elif event is _Signal.STREAM_OPENED:
             self._list_and_watch_deadline = None
             self._stream_since_attempt = True
@@ -216,6 +239,7 @@ class PluginRunner:
         except grpc.FutureCancelledError:
             return
         except grpc.RpcError as error:
+            metrics.REGISTRATION_FAILURES.labels(self.config.resource).inc()
             delay = self._back_off()
             logging.warning(
                 "%s: Register failed (%s); retrying in %.1f s",
@@ -224,6 +248,7 @@ class PluginRunner:
                 delay,
             )
             return
+        metrics.REGISTRATIONS.labels(self.config.resource).inc()
         self._want_register = False
         self._failures = 0
         if not self._stream_since_attempt:  # E2 kubelets often open it before Register returns
@@ -253,7 +278,8 @@ class PluginRunner:
                 "(is the kubelet's directory mounted? see --plugin_dir)"
             )
         _claim_socket(path)
-        servicer = DevicePluginServicer(self._policy, self)
+        servicer = DevicePluginServicer(self._policy, self, self.config.resource)
+        metrics.TOKENS.labels(self.config.resource).set(len(self._policy.devices().devices))
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)],
@@ -283,10 +309,6 @@ class PluginRunner:
                 os.unlink(self.config.socket_path)
             except FileNotFoundError:
                 pass
-
-    def publish(self, snapshot: api_pb2.ListAndWatchResponse) -> None:
-        if self._server is not None:
-            self._server.servicer.publish(snapshot)
 
 
 def _claim_socket(path: str) -> None:

@@ -1,17 +1,21 @@
 """token-resource: a Kubernetes device plugin that advertises N tokens of an extended resource.
 
 Usage: token_resource --count=2 --resource=example.com/token
+       token_resource --config=/etc/token-resource/config.yaml
 The original Go plugin's command line (-loglevel 0 -socket token-resource -count 2
 -resource example.com/token) works unchanged.
 """
 
+import os
 import signal
 import sys
 
 from absl import app, flags, logging
 
-from token_resource import config, tokens
-from token_resource.lifecycle import PluginRunner, StartupError, handle_signals
+from token_resource import config
+from token_resource.lifecycle import StartupError, handle_signals
+from token_resource.status import StatusServer
+from token_resource.supervisor import ConfigFile, Supervisor
 
 VERSION = "0.1.0"
 
@@ -20,6 +24,19 @@ flags.DEFINE_integer("count", 1, "Number of tokens advertised on this node.")
 flags.DEFINE_string("resource", "example.com/token", "Extended resource name, domain/name.")
 flags.DEFINE_string("socket", "token-resource.sock", "Socket file name in --plugin_dir.")
 flags.DEFINE_string("plugin_dir", config.DEFAULT_PLUGIN_DIR, "The kubelet's device-plugin directory.")
+flags.DEFINE_string(
+    "config",
+    None,
+    "YAML or JSON file declaring one or more resources with per-node counts; replaces "
+    "--count/--resource/--socket and is re-read when it changes or on SIGHUP.",
+)
+flags.DEFINE_string(
+    "node_name", os.environ.get("NODE_NAME"), "This node's name, for per-node counts (default: $NODE_NAME)."
+)
+flags.DEFINE_integer("http_port", None, "Serve /healthz, /readyz and /metrics on this port (default: off).")
+flags.DEFINE_string(
+    "http_address", os.environ.get("POD_IP", "127.0.0.1"), "Address for --http_port (default: $POD_IP, else 127.0.0.1)."
+)
 flags.DEFINE_bool("version", False, "Print the version and exit.")
 flags.DEFINE_integer("loglevel", 0, "Go plugin compatibility: the same as -v.")
 flags.DEFINE_float(
@@ -41,20 +58,26 @@ def _validator(check):
     return validate
 
 
-def _check_count(count: int) -> None:
-    if count < 1:
-        raise config.ConfigError(f"count must be a positive integer, not {count}")
-    limit = tokens.max_count()
-    if count > limit:
-        raise config.ConfigError(
-            f"count {count} is too large: one ListAndWatch snapshot must stay under the kubelet's "
-            f"4 MiB message limit, which fits at most {limit} tokens"
-        )
-
-
-flags.register_validator("count", _validator(_check_count))
+flags.register_validator("count", _validator(config.check_count))
 flags.register_validator("resource", _validator(config.check_resource_name))
 flags.register_validator("socket", _validator(config.check_socket_name))
+
+
+def _plugins() -> tuple[tuple[config.PluginConfig, ...], ConfigFile | None, str]:
+    """What to serve: from --config, or the single resource the flags describe."""
+    if FLAGS.config is None:
+        plugin = config.PluginConfig(FLAGS.resource, FLAGS.count, FLAGS.socket, FLAGS.plugin_dir)
+        config.check_plugin(plugin)
+        return (plugin,), None, ""
+    given = [f"--{name}" for name in ("count", "resource", "socket") if FLAGS[name].present]
+    if given:
+        raise config.ConfigError(f"--config declares the resources; drop {', '.join(given)}")
+    source = ConfigFile(FLAGS.config, FLAGS.plugin_dir, FLAGS.node_name)
+    try:
+        text, plugins = source.load()
+    except config.ConfigError as error:
+        raise config.ConfigError(f"{FLAGS.config}: {error}") from None
+    return plugins, source, text
 
 
 def main(argv: list[str]) -> int:
@@ -65,19 +88,30 @@ def main(argv: list[str]) -> int:
         return 0
     if FLAGS.loglevel > logging.get_verbosity():
         logging.set_verbosity(FLAGS.loglevel)
-    plugin = config.PluginConfig(
-        resource=FLAGS.resource, count=FLAGS.count, socket=FLAGS.socket, plugin_dir=FLAGS.plugin_dir
-    )
-    runner = PluginRunner(plugin, tokens.TokenPolicy(plugin.resource, plugin.count), FLAGS.list_and_watch_timeout)
-    handle_signals({signal.SIGTERM: runner.stop, signal.SIGINT: runner.stop})
-    logging.info("token-resource %s: %d tokens of %s", VERSION, plugin.count, plugin.resource)
     try:
-        runner.run()
+        plugins, source, text = _plugins()
+        supervisor = Supervisor(plugins, source, text, FLAGS.list_and_watch_timeout)
+        status = None
+        if FLAGS.http_port is not None:
+            status = StatusServer(FLAGS.http_address, FLAGS.http_port, supervisor.statuses, lambda: supervisor.reload_error)
+    except (config.ConfigError, OSError) as error:
+        return _fail(str(error) if isinstance(error, config.ConfigError) else f"--http_port: {error.strerror}")
+    handle_signals({signal.SIGTERM: supervisor.stop, signal.SIGINT: supervisor.stop, signal.SIGHUP: supervisor.reload})
+    logging.info("token-resource %s: %s", VERSION, ", ".join(f"{p.count} x {p.resource}" for p in plugins))
+    try:
+        supervisor.run()
     except StartupError as error:
-        logging.error("%s", error)
-        print(f"token-resource: {error}", file=sys.stderr)
-        return 1
+        return _fail(str(error))
+    finally:
+        if status is not None:
+            status.close()
     return 0
+
+
+def _fail(reason: str) -> int:
+    logging.error("%s", reason)
+    print(f"token-resource: {reason}", file=sys.stderr)
+    return 1
 
 
 def run() -> None:

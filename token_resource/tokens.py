@@ -82,7 +82,8 @@ def env_name(resource: str) -> str:
 
 
 class TokenPolicy:
-    """Serves `count` tokens of `resource`."""
+    """Serves `count` tokens of `resource`. The count may change at run time (a reload):
+    tokens that stay keep their IDs, and a smaller count drops the highest IDs first."""
 
     def __init__(self, resource: str, count: int) -> None:
         self.resource = resource
