@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 
+
 def binary_path() -> str:
     """The py_binary //token_resource, from the runfiles tree this module runs in."""
     workspace_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ class Daemon:
         self.args = list(args)
         self._log_dir = log_dir or short_tempdir("tr-log-")
         self.log_path = os.path.join(self._log_dir, "daemon.log")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (open as long as the process runs)
         self.process = subprocess.Popen(
             [binary_path(), "--logtostderr", *self.args],
             stdout=subprocess.PIPE,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import grpc
+
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
 KUBELET_SOCKET = "kubelet.sock"
@@ -168,11 +169,15 @@ class FakeKubelet:
                 self._state.wait(remaining)
 
     def describe(self) -> str:
-        return ", ".join(
-            f"{name}: capacity {r.capacity} allocatable {r.allocatable} connected {r.connected} "
-            f"streams {r.streams_opened}"
-            for name, r in self.resources.items()
-        ) + f"; registrations {len(self.register_requests)}; errors {self.register_errors}; violations {self.violations}"
+        return (
+            ", ".join(
+                f"{name}: capacity {r.capacity} allocatable {r.allocatable} connected {r.connected} "
+                f"streams {r.streams_opened}"
+                for name, r in self.resources.items()
+            )
+            + f"; registrations {len(self.register_requests)}; errors {self.register_errors}"
+            + f"; violations {self.violations}"
+        )
 
     def resource(self, name: str) -> Resource:
         with self._state:
@@ -232,7 +237,9 @@ class FakeKubelet:
             self._state.notify_all()
         context.abort(grpc.StatusCode.UNKNOWN, text)
 
-    def _connect(self, request: api_pb2.RegisterRequest, authority: str) -> tuple[grpc.Channel, api_pb2.DevicePluginOptions]:
+    def _connect(
+        self, request: api_pb2.RegisterRequest, authority: str
+    ) -> tuple[grpc.Channel, api_pb2.DevicePluginOptions]:
         path = os.path.join(self.directory, request.endpoint)
         channel = grpc.insecure_channel(f"unix://{path}", options=[("grpc.default_authority", authority)])
         try:
@@ -258,16 +265,16 @@ class FakeKubelet:
             return
         self._start_stream(request, channel, request.options)
 
-    def _start_stream(self, request: api_pb2.RegisterRequest, channel: grpc.Channel, options: api_pb2.DevicePluginOptions) -> None:
+    def _start_stream(
+        self, request: api_pb2.RegisterRequest, channel: grpc.Channel, options: api_pb2.DevicePluginOptions
+    ) -> None:
         with self._state:
             resource = self.resources.setdefault(request.resource_name, Resource())
             resource.endpoint, resource.options, resource.channel = request.endpoint, options, channel
             resource.connected = True
             resource.streams_opened += 1
             self._state.notify_all()
-        threading.Thread(
-            target=self._read_stream, args=(request.resource_name, resource, channel), daemon=True
-        ).start()
+        threading.Thread(target=self._read_stream, args=(request.resource_name, resource, channel), daemon=True).start()
 
     def _read_stream(self, name: str, resource: Resource, channel: grpc.Channel) -> None:
         stub = api_pb2_grpc.DevicePluginStub(channel)
@@ -327,7 +334,8 @@ class FakeKubelet:
             )
         except grpc.RpcError as error:
             raise AdmissionError(
-                f"Allocate failed due to rpc error: code = {error.code().name} desc = {error.details()}, which is unexpected"
+                f"Allocate failed due to rpc error: code = {error.code().name} desc = {error.details()}, "
+                "which is unexpected"
             ) from None
         if not response.container_responses:
             raise AdmissionError("no containers return in allocation response")
@@ -342,7 +350,9 @@ class FakeKubelet:
             self._state.notify_all()
         return allocation
 
-    def _choose(self, stub: api_pb2_grpc.DevicePluginStub, options: api_pb2.DevicePluginOptions, free: list[str], count: int) -> list[str]:
+    def _choose(
+        self, stub: api_pb2_grpc.DevicePluginStub, options: api_pb2.DevicePluginOptions, free: list[str], count: int
+    ) -> list[str]:
         if not options.get_preferred_allocation_available:
             return free[:count]
         with self._state:
@@ -356,7 +366,9 @@ class FakeKubelet:
                 )
             )
         except grpc.RpcError as error:
-            raise AdmissionError(f"device plugin GetPreferredAllocation rpc failed with err: {error.details()}") from None
+            raise AdmissionError(
+                f"device plugin GetPreferredAllocation rpc failed with err: {error.details()}"
+            ) from None
         preferred = list(answer.container_responses[0].deviceIDs) if answer.container_responses else []
         if len(preferred) != count or len(set(preferred)) != count or not set(preferred) <= set(free):
             self._violation(f"GetPreferredAllocation answered {preferred} for {count} of {free}")

@@ -31,7 +31,7 @@ def report_changes(kubelet: FakeKubelet, stop: threading.Event) -> None:
     print(f"[kubelet] {last}", flush=True)
     while not stop.is_set():
         try:
-            kubelet.wait_until(lambda k: describe(k) != last or stop.is_set(), timeout=3600)
+            kubelet.wait_until(lambda k, last=last: describe(k) != last or stop.is_set(), timeout=3600)
         except TimeoutError:
             continue
         if not stop.is_set():

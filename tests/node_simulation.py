@@ -43,7 +43,9 @@ class Placement:
 
 
 def registered(count: int):
-    return lambda k: RESOURCE in k.resources and k.resources[RESOURCE].connected and k.resources[RESOURCE].allocatable == count
+    return lambda k: (
+        RESOURCE in k.resources and k.resources[RESOURCE].connected and k.resources[RESOURCE].allocatable == count
+    )
 
 
 def start_nodes(nodes: int, count: int) -> list[Node]:

@@ -45,7 +45,9 @@ def test_accepts_bare_socket_names(socket):
     config.check_socket_name(socket)
 
 
-@pytest.mark.parametrize("socket", ["", "/var/lib/kubelet/device-plugins/x.sock", "dir/x.sock", ".", "..", "kubelet.sock"])
+@pytest.mark.parametrize(
+    "socket", ["", "/var/lib/kubelet/device-plugins/x.sock", "dir/x.sock", ".", "..", "kubelet.sock"]
+)
 def test_rejects_socket_names_that_are_not_bare_file_names(socket):
     with pytest.raises(config.ConfigError, match="socket"):
         config.check_socket_name(socket)
@@ -95,14 +97,23 @@ def test_json_is_accepted_too():
         ("resources: [{name: gpu}]", "resources[0] (gpu): resource name"),
         ("resources: [{name: example.com/t, cout: 2}]", "unknown key(s) ['cout']"),
         ("resources: [{name: example.com/t, count: two}]", "count must be an integer, not 'two'"),
-        ("resources: [{name: example.com/t, count: -1}]", "resources[0] (example.com/t): count must be zero or more, not -1"),
+        (
+            "resources: [{name: example.com/t, count: -1}]",
+            "resources[0] (example.com/t): count must be zero or more, not -1",
+        ),
         ("resources: [{name: example.com/t, count: 999999}]", "count 999999 is too large"),
         ("resources: [{name: example.com/t, count: true}]", "must be an integer"),
         ("resources: [{name: example.com/t, nodes: {a: x}}]", "nodes.a must be an integer"),
         ("resources: [{name: example.com/t, nodes: [a]}]", "nodes must map node names to counts"),
         ("resources: [{name: example.com/t, socket: a/b}]", "bare file name"),
-        ("resources: [{name: example.com/t}, {name: example.com/t, socket: x}]", "resource example.com/t is declared more than once"),
-        ("resources: [{name: example.com/a, socket: s}, {name: example.com/b, socket: s}]", "socket s is declared more than once"),
+        (
+            "resources: [{name: example.com/t}, {name: example.com/t, socket: x}]",
+            "resource example.com/t is declared more than once",
+        ),
+        (
+            "resources: [{name: example.com/a, socket: s}, {name: example.com/b, socket: s}]",
+            "socket s is declared more than once",
+        ),
         ("resources: [{name: example.com/t, socket: " + "s" * 110 + "}]", "longer than 107 bytes"),
     ],
 )

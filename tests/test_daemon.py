@@ -7,9 +7,9 @@ import time
 
 import grpc
 import pytest
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
-from tests.daemon import Daemon, run_to_exit
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests.daemon import run_to_exit
 from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode
 
 RESOURCE = "example.com/token"
@@ -20,7 +20,9 @@ def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
 
 
 def registered_with(count: int, resource: str = RESOURCE):
-    return lambda k: resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
+    return lambda k: (
+        resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
+    )
 
 
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
@@ -31,7 +33,11 @@ def test_registers_and_advertises_its_tokens(plugin_dir, daemons, mode):
         daemons(*plugin_args(plugin_dir, "--count=3"))
         kubelet.wait_until(registered_with(3))
         request = kubelet.register_requests[0]
-        assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", "token-resource.sock", RESOURCE)
+        assert (request.version, request.endpoint, request.resource_name) == (
+            "v1beta1",
+            "token-resource.sock",
+            RESOURCE,
+        )
         assert request.options.get_preferred_allocation_available
         snapshot = kubelet.resources[RESOURCE].snapshots[0]
         assert [(d.ID, d.health) for d in snapshot.devices] == [(f"item-{i}", "Healthy") for i in range(3)]
@@ -61,7 +67,10 @@ def test_allocate_preferred_and_prestart_answer(kubelet, daemons):
     assert kubelet.preferred_calls == 2
 
     stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[RESOURCE].channel)
-    assert stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["item-0"])) == api_pb2.PreStartContainerResponse()
+    assert (
+        stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["item-0"]))
+        == api_pb2.PreStartContainerResponse()
+    )
     options = stub.GetDevicePluginOptions(api_pb2.Empty())
     assert options == kubelet.register_requests[0].options
 
@@ -71,7 +80,9 @@ def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
     kubelet.wait_until(registered_with(2))
     stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[RESOURCE].channel)
     with pytest.raises(grpc.RpcError) as raised:
-        stub.Allocate(api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])]))
+        stub.Allocate(
+            api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])])
+        )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert 'unknown token ID "item-2"' in raised.value.details()
     with pytest.raises(grpc.RpcError) as raised:
@@ -85,7 +96,10 @@ def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
             ]
         )
     )
-    assert [dict(c.envs) for c in two.container_responses] == [{"EXAMPLE_COM_TOKEN": "item-1"}, {"EXAMPLE_COM_TOKEN": "item-0"}]
+    assert [dict(c.envs) for c in two.container_responses] == [
+        {"EXAMPLE_COM_TOKEN": "item-1"},
+        {"EXAMPLE_COM_TOKEN": "item-0"},
+    ]
 
 
 def test_reregisters_after_kubelet_restart(kubelet, daemons):
@@ -97,7 +111,11 @@ def test_reregisters_after_kubelet_restart(kubelet, daemons):
     kubelet.restart()  # deletes the plugin's socket, re-creates kubelet.sock
     kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
     assert kubelet.resources[RESOURCE].snapshots[-1] == kubelet.resources[RESOURCE].snapshots[0]  # same IDs
-    assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", "kubelet_internal_checkpoint", "token-resource.sock"]
+    assert sorted(os.listdir(kubelet.directory)) == [
+        "kubelet.sock",
+        "kubelet_internal_checkpoint",
+        "token-resource.sock",
+    ]
     assert kubelet.admit("pod-a", "c", RESOURCE, 1).ids == ("item-0",)
 
 
@@ -153,7 +171,10 @@ def test_retries_register_with_backoff_when_the_kubelet_refuses(plugin_dir, daem
         kubelet.supported_versions = ["v2"]  # a kubelet that does not speak v1beta1
         daemon = daemons(*plugin_args(plugin_dir, "--count=1"))
         kubelet.wait_until(lambda k: len(k.register_errors) >= 3, timeout=15)
-        assert kubelet.register_errors[0] == 'requested API version "v1beta1" is not supported by kubelet. Supported version is ["v2"]'
+        assert (
+            kubelet.register_errors[0]
+            == 'requested API version "v1beta1" is not supported by kubelet. Supported version is ["v2"]'
+        )
         assert "Register failed (UNKNOWN" in daemon.log()
         kubelet.supported_versions = ["v1beta1"]
         kubelet.wait_until(registered_with(1), timeout=15)
@@ -195,7 +216,14 @@ def test_a_second_instance_on_the_same_socket_refuses_to_start(kubelet, daemons)
 
 def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
     daemon = daemons(
-        "-loglevel", "0", "-socket", "token-resource", "-count", "2", "-resource", RESOURCE,
+        "-loglevel",
+        "0",
+        "-socket",
+        "token-resource",
+        "-count",
+        "2",
+        "-resource",
+        RESOURCE,
         f"-plugin_dir={kubelet.directory}",
     )
     kubelet.wait_until(registered_with(2))
@@ -209,7 +237,11 @@ def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
         (["--count=0"], "flag --count=0: must be a positive integer, not 0"),
         (["--count=-3"], "must be a positive integer, not -3"),
         (["--count=two"], "--count"),
-        (["--count=1000000"], "1000000 is too large: one ListAndWatch snapshot must stay under the kubelet's 4 MiB message limit, which fits at most 179392 tokens"),
+        (
+            ["--count=1000000"],
+            "1000000 is too large: one ListAndWatch snapshot must stay under the kubelet's 4 MiB message limit, "
+            "which fits at most 179392 tokens",
+        ),
         (["--resource=gpu"], "needs a domain prefix"),
         (["--resource=kubernetes.io/x"], "reserved"),
         (["--resource=Example.com/x"], "lower-case DNS subdomain"),

@@ -6,8 +6,8 @@ import shutil
 
 import grpc
 import pytest
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import short_tempdir
 from token_resource import tokens
 from token_resource.device_plugin import DevicePluginServicer
@@ -87,7 +87,9 @@ def test_all_five_methods_answer(served):
         api_pb2.PreferredAllocationRequest(
             container_requests=[
                 api_pb2.ContainerPreferredAllocationRequest(
-                    available_deviceIDs=["item-2", "item-1", "item-0"], must_include_deviceIDs=["item-2"], allocation_size=2
+                    available_deviceIDs=["item-2", "item-1", "item-0"],
+                    must_include_deviceIDs=["item-2"],
+                    allocation_size=2,
                 )
             ]
         )
@@ -97,7 +99,10 @@ def test_all_five_methods_answer(served):
         api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])])
     )
     assert dict(allocated.container_responses[0].envs) == {"EXAMPLE_COM_TOKEN": "item-2"}
-    assert stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["item-2"])) == api_pb2.PreStartContainerResponse()
+    assert (
+        stub.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["item-2"]))
+        == api_pb2.PreStartContainerResponse()
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,7 +117,9 @@ def test_all_five_methods_answer(served):
         (
             "GetPreferredAllocation",
             api_pb2.PreferredAllocationRequest(
-                container_requests=[api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=["item-0"], allocation_size=2)]
+                container_requests=[
+                    api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=["item-0"], allocation_size=2)
+                ]
             ),
             "only 1 offered",
         ),

@@ -7,8 +7,8 @@ import socket
 
 import grpc
 import pytest
-from deviceplugin.v1beta1 import api_pb2
 
+from deviceplugin.v1beta1 import api_pb2
 from tests.daemon import short_tempdir
 from tests.fake_kubelet import FakeKubelet, Mode
 from token_resource import kubelet
@@ -69,7 +69,11 @@ def test_register_reaches_the_kubelet():
     try:
         kubelet.register(fake.socket_path, "mine.sock", "example.com/token", OPTIONS).result()
         request = fake.register_requests[0]
-        assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", "mine.sock", "example.com/token")
+        assert (request.version, request.endpoint, request.resource_name) == (
+            "v1beta1",
+            "mine.sock",
+            "example.com/token",
+        )
         assert request.options == OPTIONS
     finally:
         fake.stop()

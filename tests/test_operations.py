@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,7 +35,9 @@ def ids(kubelet, resource: str) -> list[str]:
 
 
 def advertises(resource: str, count: int):
-    return lambda k: resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
+    return lambda k: (
+        resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
+    )
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -236,8 +239,10 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
         from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
         stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[TOKEN].channel)
-        with pytest.raises(Exception):
-            stub.Allocate(api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["x"])]))
+        with pytest.raises(grpc.RpcError):
+            stub.Allocate(
+                api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["x"])])
+            )
         samples = metric_samples(port)
         resource = ("resource", TOKEN)
         assert samples[("token_resource_calls_total", (("method", "Allocate"), resource))] == 2

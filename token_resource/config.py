@@ -62,8 +62,7 @@ def check_resource_name(name: str) -> None:
     labels = domain.split(".")
     if len("requests." + domain) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise ConfigError(
-            f'resource name "{name}": domain "{domain}" must be a lower-case DNS subdomain '
-            "of at most 244 characters"
+            f'resource name "{name}": domain "{domain}" must be a lower-case DNS subdomain of at most 244 characters'
         )
     if not (len(part) <= 63 and _NAME_PART.fullmatch(part)):
         raise ConfigError(

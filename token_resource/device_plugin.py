@@ -11,8 +11,8 @@ from typing import Protocol
 
 import grpc
 from absl import logging
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from token_resource import metrics
 
 
@@ -27,9 +27,7 @@ class DevicePolicy(Protocol):
 
     def allocate(self, ids: Sequence[str]) -> api_pb2.ContainerAllocateResponse: ...
 
-    def preferred(
-        self, available: Sequence[str], must_include: Sequence[str], size: int
-    ) -> list[str]: ...
+    def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]: ...
 
 
 class StreamListener(Protocol):
@@ -93,7 +91,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             sent = -1
             while True:
                 with self._changed:
-                    self._changed.wait_for(lambda: not context.is_active() or self._generation != sent)
+                    self._changed.wait_for(lambda sent=sent: not context.is_active() or self._generation != sent)
                     if not context.is_active():
                         return
                     sent, snapshot = self._generation, self._snapshot

@@ -9,8 +9,8 @@ import enum
 from collections.abc import Callable
 
 import grpc
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from token_resource import watch
 from token_resource.config import KUBELET_SOCKET
 
@@ -34,9 +34,7 @@ def register(
 ) -> "grpc.Future":
     """Starts a Register call; the future's result() raises grpc.RpcError on failure."""
     channel = grpc.insecure_channel(f"unix://{kubelet_socket}")
-    request = api_pb2.RegisterRequest(
-        version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options
-    )
+    request = api_pb2.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
     future = api_pb2_grpc.RegistrationStub(channel).Register.future(
         request, timeout=REGISTER_TIMEOUT_S, wait_for_ready=False
     )

@@ -8,6 +8,7 @@ plugin serves; the DevicePolicy does.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import os
@@ -22,8 +23,8 @@ from collections.abc import Callable, Mapping
 
 import grpc
 from absl import logging
-from deviceplugin.v1beta1 import api_pb2_grpc
 
+from deviceplugin.v1beta1 import api_pb2_grpc
 from token_resource import kubelet, metrics
 from token_resource.config import PluginConfig
 from token_resource.device_plugin import DevicePluginServicer, DevicePolicy
@@ -77,9 +78,7 @@ def _inode(path: str) -> tuple[int, int] | None:
 class PluginRunner:
     """Serves one DevicePolicy on one socket and keeps it registered with the kubelet."""
 
-    def __init__(
-        self, config: PluginConfig, policy: DevicePolicy, list_and_watch_timeout_s: float = 20.0
-    ) -> None:
+    def __init__(self, config: PluginConfig, policy: DevicePolicy, list_and_watch_timeout_s: float = 20.0) -> None:
         self.config = config
         self._policy = policy
         self._list_and_watch_timeout_s = list_and_watch_timeout_s
@@ -288,9 +287,7 @@ class PluginRunner:
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError:
-            raise StartupError(
-                f"cannot create the socket {path}: is {self.config.plugin_dir} writable?"
-            ) from None
+            raise StartupError(f"cannot create the socket {path}: is {self.config.plugin_dir} writable?") from None
         server.start()
         # None if the kubelet deleted the socket at once (it was starting): the loop serves again.
         self._server = _Server(server, servicer, _inode(path))
@@ -305,10 +302,8 @@ class PluginRunner:
         # Remove the socket only if it is still the one we created: never the kubelet's, and
         # never a newer instance's.
         if _inode(self.config.socket_path) == server.inode:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.socket_path)
-            except FileNotFoundError:
-                pass
 
 
 def _claim_socket(path: str) -> None:
@@ -329,9 +324,7 @@ def _claim_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise StartupError(
-        f"another process is serving on {path}; stop it or give this one another --socket"
-    )
+    raise StartupError(f"another process is serving on {path}; stop it or give this one another --socket")
 
 
 def handle_signals(handlers: Mapping[signal.Signals, Callable[[], None]]) -> None:

@@ -93,7 +93,9 @@ def main(argv: list[str]) -> int:
         supervisor = Supervisor(plugins, source, text, FLAGS.list_and_watch_timeout)
         status = None
         if FLAGS.http_port is not None:
-            status = StatusServer(FLAGS.http_address, FLAGS.http_port, supervisor.statuses, lambda: supervisor.reload_error)
+            status = StatusServer(
+                FLAGS.http_address, FLAGS.http_port, supervisor.statuses, lambda: supervisor.reload_error
+            )
     except (config.ConfigError, OSError) as error:
         return _fail(str(error) if isinstance(error, config.ConfigError) else f"--http_port: {error.strerror}")
     handle_signals({signal.SIGTERM: supervisor.stop, signal.SIGINT: supervisor.stop, signal.SIGHUP: supervisor.reload})

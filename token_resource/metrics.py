@@ -3,13 +3,13 @@
 Counters are labelled by resource; the machinery that sees an event counts it.
 """
 
+import contextlib
+
 import prometheus_client as prom
 
 REGISTRY = prom.CollectorRegistry()
 
-TOKENS = prom.Gauge(
-    "token_resource_tokens", "Tokens advertised to the kubelet.", ["resource"], registry=REGISTRY
-)
+TOKENS = prom.Gauge("token_resource_tokens", "Tokens advertised to the kubelet.", ["resource"], registry=REGISTRY)
 REGISTERED = prom.Gauge(
     "token_resource_registered",
     "1 while the resource is registered and the kubelet holds a ListAndWatch stream.",
@@ -48,7 +48,5 @@ CONFIG_LAST_RELOAD_OK = prom.Gauge(
 def forget(resource: str) -> None:
     """Drops a withdrawn resource's series."""
     for metric in (TOKENS, REGISTERED, REGISTRATIONS, REGISTRATION_FAILURES, KUBELET_RESTARTS):
-        try:
+        with contextlib.suppress(KeyError):  # never set for this resource
             metric.remove(resource)
-        except KeyError:
-            pass

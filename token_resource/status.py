@@ -30,10 +30,10 @@ class StatusServer:
         status_server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+            def do_GET(self) -> None:
                 status_server._answer(self)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 logging.vlog(2, "http: " + format, *args)
 
         self._statuses = statuses

@@ -172,7 +172,9 @@ class Supervisor:
     def _start(self, plugin: PluginConfig) -> None:
         policy = TokenPolicy(plugin.resource, plugin.count)
         runner = PluginRunner(plugin, policy, self._list_and_watch_timeout_s)
-        thread = threading.Thread(target=self._run_plugin, args=(runner,), name=f"plugin {plugin.resource}", daemon=True)
+        thread = threading.Thread(
+            target=self._run_plugin, args=(runner,), name=f"plugin {plugin.resource}", daemon=True
+        )
         with self._lock:
             self._running[plugin.resource] = _Running(plugin, policy, runner, thread)
         thread.start()

@@ -9,7 +9,6 @@ import re
 from collections.abc import Collection, Sequence
 
 from deviceplugin.v1beta1 import api_pb2
-
 from token_resource.device_plugin import AllocationError
 
 HEALTHY = "Healthy"
@@ -36,9 +35,7 @@ def token_index(token: str) -> int | None:
 
 
 def snapshot(count: int) -> api_pb2.ListAndWatchResponse:
-    return api_pb2.ListAndWatchResponse(
-        devices=[api_pb2.Device(ID=token_id(i), health=HEALTHY) for i in range(count)]
-    )
+    return api_pb2.ListAndWatchResponse(devices=[api_pb2.Device(ID=token_id(i), health=HEALTHY) for i in range(count)])
 
 
 def _varint_size(value: int) -> int:
@@ -118,22 +115,18 @@ class TokenPolicy:
             annotations={self.resource: held},
         )
 
-    def preferred(
-        self, available: Sequence[str], must_include: Sequence[str], size: int
-    ) -> list[str]:
+    def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
         """Packs: the must-include tokens, then the lowest-numbered available ones."""
         self._check_ids(available, "GetPreferredAllocation")
         self._check_ids(must_include, "GetPreferredAllocation")
         chosen = list(dict.fromkeys(must_include))
         if size < len(chosen):
             raise AllocationError(
-                f"GetPreferredAllocation: allocation size {size} is smaller than the "
-                f"{len(chosen)} must-include tokens"
+                f"GetPreferredAllocation: allocation size {size} is smaller than the {len(chosen)} must-include tokens"
             )
         rest = sorted(set(available) - set(chosen), key=token_index)
         if len(chosen) + len(rest) < size:
             raise AllocationError(
-                f"GetPreferredAllocation: {size} tokens requested but only "
-                f"{len(chosen) + len(rest)} offered"
+                f"GetPreferredAllocation: {size} tokens requested but only {len(chosen) + len(rest)} offered"
             )
         return chosen + rest[: size - len(chosen)]
