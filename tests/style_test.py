@@ -39,4 +39,10 @@ def test_python_is_ruff_clean(mode):
 def test_bazel_files_are_buildifier_clean():
     files = source_files("BUILD.bazel", "*.bzl", "WORKSPACE")
     # Bazel 4 predates rules_python and rules_shell: the native rules are the ones to use.
-    run(tool("buildifier/buildifier-linux_amd64"), "-mode=check", "-lint=warn", "-warnings=-native-py,-native-sh", *files)
+    run(
+        tool("buildifier/buildifier-linux_amd64"),
+        "-mode=check",
+        "-lint=warn",
+        "-warnings=-native-py,-native-sh-binary",
+        *files,
+    )
