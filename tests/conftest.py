@@ -16,12 +16,29 @@ def plugin_dir():
 
 
 @pytest.fixture
-def kubelet(plugin_dir):
-    fake = FakeKubelet(plugin_dir, Mode.E2)
-    fake.start()
-    yield fake
-    fake.stop()
-    assert fake.violations == []
+def kubelets(plugin_dir):
+    """start(mode, **options) runs a fake kubelet in plugin_dir; each is stopped after the
+    test, which fails if the kubelet saw the plugin break a protocol rule."""
+    started: list[FakeKubelet] = []
+
+    def start(mode: Mode = Mode.E2, **options) -> FakeKubelet:
+        fake = FakeKubelet(plugin_dir, mode, **options)
+        fake.start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        if fake.e1_dial is not None:
+            fake.e1_dial.set()  # release a held-back dial so its thread ends
+        fake.stop()
+    for fake in started:
+        assert fake.violations == []
+
+
+@pytest.fixture
+def kubelet(kubelets):
+    return kubelets(Mode.E2)
 
 
 @pytest.fixture

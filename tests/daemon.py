@@ -1,11 +1,16 @@
 """Runs the real token-resource binary as a child process, for tests and the simulation."""
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
+
+from token_resource import watch
 
 
 def binary_path() -> str:
@@ -68,6 +73,24 @@ class Daemon:
 def run_to_exit(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
     """Runs the binary to completion (bad flags, --version) and returns its output."""
     return subprocess.run([binary_path(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def created_in(directory: str, name: str) -> Iterator[threading.Event]:
+    """An event set when `name` is created in `directory` (inotify, no polling)."""
+    created = threading.Event()
+
+    def seen(event_name: str, mask: int) -> None:
+        if event_name == name:
+            created.set()
+
+    events = watch.DirectoryEvents(directory, watch.flags.CREATE | watch.flags.MOVED_TO, seen, name="test-watch")
+    try:
+        yield created
+        if not created.wait(10):
+            raise TimeoutError(f"{name} was not created in {directory}")
+    finally:
+        events.close()
 
 
 def free_port() -> int:

@@ -103,6 +103,7 @@ class FakeKubelet:
         self.resources: dict[str, Resource] = {}
         self.allocations: list[Allocation] = []
         self.register_requests: list[api_pb2.RegisterRequest] = []
+        self.register_times: list[float] = []  # time.monotonic() of each Register
         self.register_errors: list[str] = []
         self.violations: list[str] = []
         self.preferred_calls = 0
@@ -201,6 +202,7 @@ class FakeKubelet:
     def _register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         with self._state:
             self.register_requests.append(request)
+            self.register_times.append(time.monotonic())
             current = self.resources.get(request.resource_name)
             if current is not None and current.connected:
                 # On 1.25-1.36 the old stream's later end disconnects the new registration.

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from tests.daemon import run_to_exit
-from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode
+from tests.daemon import created_in, run_to_exit
+from tests.fake_kubelet import AdmissionError, Mode
 
 RESOURCE = "example.com/token"
 
@@ -26,24 +26,15 @@ def registered_with(count: int, resource: str = RESOURCE):
 
 
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
-def test_registers_and_advertises_its_tokens(plugin_dir, daemons, mode):
-    kubelet = FakeKubelet(plugin_dir, mode)
-    kubelet.start()
-    try:
-        daemons(*plugin_args(plugin_dir, "--count=3"))
-        kubelet.wait_until(registered_with(3))
-        request = kubelet.register_requests[0]
-        assert (request.version, request.endpoint, request.resource_name) == (
-            "v1beta1",
-            "token-resource.sock",
-            RESOURCE,
-        )
-        assert request.options.get_preferred_allocation_available
-        snapshot = kubelet.resources[RESOURCE].snapshots[0]
-        assert [(d.ID, d.health) for d in snapshot.devices] == [(f"item-{i}", "Healthy") for i in range(3)]
-        assert kubelet.violations == []
-    finally:
-        kubelet.stop()
+def test_registers_and_advertises_its_tokens(plugin_dir, kubelets, daemons, mode):
+    kubelet = kubelets(mode)
+    daemons(*plugin_args(plugin_dir, "--count=3"))
+    kubelet.wait_until(registered_with(3))
+    request = kubelet.register_requests[0]
+    assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", "token-resource.sock", RESOURCE)
+    assert request.options.get_preferred_allocation_available
+    snapshot = kubelet.resources[RESOURCE].snapshots[0]
+    assert [(d.ID, d.health) for d in snapshot.devices] == [(f"item-{i}", "Healthy") for i in range(3)]
 
 
 def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
@@ -120,66 +111,45 @@ def test_reregisters_after_kubelet_restart(kubelet, daemons):
 
 
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
-def test_reregisters_when_the_stream_is_cancelled(plugin_dir, daemons, mode):
-    kubelet = FakeKubelet(plugin_dir, mode)
-    kubelet.start()
-    try:
-        daemons(*plugin_args(plugin_dir, "--count=2"))
-        kubelet.wait_until(registered_with(2))
-        kubelet.cancel_stream(RESOURCE)
-        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
-        assert kubelet.resources[RESOURCE].streams_opened == 2
-    finally:
-        kubelet.stop()
+def test_reregisters_when_the_stream_is_cancelled(plugin_dir, kubelets, daemons, mode):
+    kubelet = kubelets(mode)
+    daemons(*plugin_args(plugin_dir, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    kubelet.cancel_stream(RESOURCE)
+    kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+    assert kubelet.resources[RESOURCE].streams_opened == 2
 
 
-def test_waits_for_an_absent_kubelet(plugin_dir, daemons):
-    daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
-    socket_path = os.path.join(plugin_dir, "token-resource.sock")
-    deadline = time.monotonic() + 10
-    while not os.path.exists(socket_path):  # bounded wait for the daemon's own socket
-        assert time.monotonic() < deadline and daemon.process.poll() is None, daemon.log()
-        time.sleep(0.01)
-    kubelet = FakeKubelet(plugin_dir, Mode.E2)
-    kubelet.start()
-    try:
-        kubelet.wait_until(registered_with(2))
-        assert daemon.process.poll() is None
-    finally:
-        kubelet.stop()
+def test_waits_for_an_absent_kubelet(plugin_dir, kubelets, daemons):
+    with created_in(plugin_dir, "token-resource.sock"):  # serving, with no kubelet.sock anywhere
+        daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
+    kubelet = kubelets(Mode.E2)
+    kubelet.wait_until(registered_with(2))
+    assert daemon.process.poll() is None
 
 
-def test_reregisters_when_list_and_watch_never_comes(plugin_dir, daemons):
+def test_reregisters_when_list_and_watch_never_comes(plugin_dir, kubelets, daemons):
     dial = threading.Event()  # E1 kubelet that answers Register but never dials back
-    kubelet = FakeKubelet(plugin_dir, Mode.E1, e1_dial=dial)
-    kubelet.start()
-    try:
-        daemon = daemons(*plugin_args(plugin_dir, "--count=2", "--list_and_watch_timeout=0.5"))
-        kubelet.wait_until(lambda k: len(k.register_requests) >= 2)
-        assert "did not call ListAndWatch" in daemon.log()
-        dial.set()
-        kubelet.wait_until(registered_with(2))
-    finally:
-        dial.set()
-        kubelet.stop()
+    kubelet = kubelets(Mode.E1, e1_dial=dial)
+    daemon = daemons(*plugin_args(plugin_dir, "--count=2", "--list_and_watch_timeout=0.5"))
+    kubelet.wait_until(lambda k: len(k.register_requests) >= 2)
+    assert "did not call ListAndWatch" in daemon.log()
+    dial.set()
+    kubelet.wait_until(registered_with(2))
 
 
-def test_retries_register_with_backoff_when_the_kubelet_refuses(plugin_dir, daemons):
-    kubelet = FakeKubelet(plugin_dir, Mode.E2)
-    kubelet.start()
-    try:
-        kubelet.supported_versions = ["v2"]  # a kubelet that does not speak v1beta1
-        daemon = daemons(*plugin_args(plugin_dir, "--count=1"))
-        kubelet.wait_until(lambda k: len(k.register_errors) >= 3, timeout=15)
-        assert (
-            kubelet.register_errors[0]
-            == 'requested API version "v1beta1" is not supported by kubelet. Supported version is ["v2"]'
-        )
-        assert "Register failed (UNKNOWN" in daemon.log()
-        kubelet.supported_versions = ["v1beta1"]
-        kubelet.wait_until(registered_with(1), timeout=15)
-    finally:
-        kubelet.stop()
+def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet, daemons):
+    kubelet.supported_versions = ["v2"]  # a kubelet that does not speak v1beta1
+    daemon = daemons(*plugin_args(kubelet.directory, "--count=1"))
+    kubelet.wait_until(lambda k: len(k.register_errors) >= 3, timeout=15)
+    assert kubelet.register_errors[0] == (
+        'requested API version "v1beta1" is not supported by kubelet. Supported version is ["v2"]'
+    )
+    assert "Register failed (UNKNOWN" in daemon.log()
+    first, second, third = kubelet.register_times[:3]
+    assert second - first >= 0.25 and third - second >= 0.5  # back-off with jitter, no hot loop
+    kubelet.supported_versions = ["v1beta1"]
+    kubelet.wait_until(registered_with(1), timeout=15)
 
 
 def test_sigterm_removes_only_its_own_socket_and_exits_0(kubelet, daemons):
