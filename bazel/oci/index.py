@@ -1,0 +1,38 @@
+"""Assembles a multi-platform OCI image index from single-platform image layouts.
+
+The output layout's index.json points at one image index blob, whose digest is the digest
+users pull and push (`<repo>@sha256:...`); that index lists each image with its platform.
+"""
+
+import argparse
+
+from bazel.oci import layout as oci
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image", action="append", required=True, help="an image's OCI layout")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--digest")
+    args = parser.parse_args()
+    out = oci.Layout.create(args.output)
+    manifests, seen = [], set()
+    for path in args.image:
+        image = oci.Layout(path)
+        for plat, descriptor in image.images():
+            key = tuple(sorted(plat.items()))
+            if key in seen:
+                raise SystemExit(f"oci_image_index: two images for platform {plat}")
+            seen.add(key)
+            for blob in image.blobs_of(descriptor):
+                out.copy_blob(image, blob["digest"])
+            manifests.append({k: descriptor[k] for k in ("mediaType", "digest", "size")} | {"platform": plat})
+    descriptor = out.write_json({"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": manifests}, oci.INDEX)
+    out.write_index([descriptor])
+    if args.digest:
+        with open(args.digest, "w") as f:
+            f.write(descriptor["digest"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Writes one reproducible image layer (.tar.gz) from a JSON spec written by //bazel/oci rules.
+
+Spec keys (all optional):
+  files:    [{"dest": "/app/x.py", "src": exec path, "short": runfiles path, "mode": 0o644}]
+  debs:     [{"src": ..., "short": ...}]        .deb files whose data.tar is unpacked
+  deb_exclude: [fnmatch patterns]               paths (no leading /) dropped from the .debs
+  deb_keep: [fnmatch patterns]                  exceptions to deb_exclude
+  merged_usr: bool                              /bin, /lib, ... of the .debs go to /usr (bookworm's layout)
+  contents: {"/etc/passwd": "text"}             small generated files (mode 0644)
+  symlinks: {"/path": "target"}
+  dirs:     ["/path"]                           empty directories (mode 0755)
+  compile:  ["/usr/lib/python3.11", "/app"]    every .py below these also gets a .pyc
+
+Reproducible by construction: entries sorted by path, parents before children, uid/gid 0,
+mtime 0, no world-writable bits, hard links stored as copies, PAX headers only where a name
+needs one, gzip without name or time at a fixed level. The .pyc files are hash-based and
+unchecked (PEP 552): they do not depend on file times, never go stale in an immutable image,
+and let a read-only root filesystem run without writing bytecode.
+"""
+
+import argparse
+import fnmatch
+import gzip
+import importlib.util
+import io
+import json
+import lzma
+import os
+import posixpath
+import stat
+import sys
+import tarfile
+
+GZIP_LEVEL = 6
+MERGED_USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+STATUS_DIR = "var/lib/dpkg/status.d"
+
+
+class Entry:
+    __slots__ = ("data", "kind", "linkname", "mode")
+
+    def __init__(self, kind, mode=0o755, data=b"", linkname=""):
+        self.kind, self.mode, self.data, self.linkname = kind, mode, data, linkname
+
+
+class Tree:
+    """The layer's file system: normalized path (no leading /) -> Entry."""
+
+    def __init__(self):
+        self.entries: dict[str, Entry] = {}
+
+    def _parents(self, path):
+        parent = posixpath.dirname(path)
+        while parent and parent not in self.entries:
+            self.entries[parent] = Entry(tarfile.DIRTYPE, 0o755)
+            parent = posixpath.dirname(parent)
+
+    def add(self, path: str, entry: Entry, origin: str) -> None:
+        path = posixpath.normpath(path.lstrip("/"))
+        if path in (".", "") or path.startswith(".."):
+            raise SystemExit(f"layer: bad path {path!r} from {origin}")
+        old = self.entries.get(path)
+        if old is not None:
+            if old.kind == entry.kind == tarfile.DIRTYPE:
+                return
+            if (old.kind, old.data, old.linkname) != (entry.kind, entry.data, entry.linkname):
+                raise SystemExit(f"layer: {origin} puts a different /{path} where one already is")
+        self._parents(path)
+        self.entries[path] = entry
+
+    def write(self, out) -> None:
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(self.entries):
+                entry = self.entries[path]
+                info = tarfile.TarInfo(path)
+                info.type = entry.kind
+                info.mode = entry.mode & 0o7755  # never world-writable
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mtime = 0
+                if entry.kind == tarfile.SYMTYPE:
+                    info.linkname = entry.linkname
+                    tar.addfile(info)
+                elif entry.kind == tarfile.REGTYPE:
+                    info.size = len(entry.data)
+                    tar.addfile(info, io.BytesIO(entry.data))
+                else:
+                    tar.addfile(info)
+
+
+def read_ar(path: str) -> dict[str, bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"!<arch>\n"):
+        raise SystemExit(f"layer: {path} is not a .deb (ar archive)")
+    members, pos = {}, 8
+    while pos + 60 <= len(data):
+        header = data[pos : pos + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        members[name] = data[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size & 1)
+    return members
+
+
+def decompress(name: str, data: bytes) -> bytes:
+    if name.endswith(".xz"):
+        return lzma.decompress(data)
+    if name.endswith(".gz"):
+        return gzip.decompress(data)
+    if name.endswith(".tar"):
+        return data
+    raise SystemExit(f"layer: cannot unpack {name} (only xz, gzip and plain tar are supported)")
+
+
+def member(members: dict[str, bytes], stem: str, deb: str) -> tuple[str, bytes]:
+    for name, data in members.items():
+        if name.startswith(stem):
+            return name, decompress(name, data)
+    raise SystemExit(f"layer: {deb} has no {stem}")
+
+
+def add_deb(tree: Tree, deb: str, spec: dict) -> None:
+    members = read_ar(deb)
+    _, control_tar = member(members, "control.tar", deb)
+    with tarfile.open(fileobj=io.BytesIO(control_tar)) as tar:
+        control = tar.extractfile(tar.getmember("./control")).read()
+    package = next(
+        line.split(":", 1)[1].strip() for line in control.decode().splitlines() if line.startswith("Package:")
+    )
+    # What scanners (Trivy, Grype, syft) read to list the packages of a distroless image.
+    tree.add(f"{STATUS_DIR}/{package}", Entry(tarfile.REGTYPE, 0o644, control), deb)
+
+    exclude, keep = spec.get("deb_exclude", []), spec.get("deb_keep", [])
+    merged = spec.get("merged_usr", False)
+    _, data_tar = member(members, "data.tar", deb)
+    with tarfile.open(fileobj=io.BytesIO(data_tar)) as tar:
+        infos = tar.getmembers()
+        by_name = {posixpath.normpath(i.name): i for i in infos}
+        for info in infos:
+            path = posixpath.normpath(info.name)
+            if path == ".":
+                continue
+            if any(fnmatch.fnmatchcase(path, p) for p in exclude) and not any(
+                fnmatch.fnmatchcase(path, p) for p in keep
+            ):
+                continue
+            if merged and path.split("/", 1)[0] in MERGED_USR_DIRS:
+                path = "usr/" + path
+            if info.isdir():
+                tree.add(path, Entry(tarfile.DIRTYPE, info.mode), deb)
+            elif info.issym():
+                tree.add(path, Entry(tarfile.SYMTYPE, 0o777, linkname=info.linkname), deb)
+            elif info.islnk():
+                target = by_name[posixpath.normpath(info.linkname)]
+                tree.add(path, Entry(tarfile.REGTYPE, target.mode, tar.extractfile(target).read()), deb)
+            elif info.isfile():
+                tree.add(path, Entry(tarfile.REGTYPE, info.mode, tar.extractfile(info).read()), deb)
+            else:
+                raise SystemExit(f"layer: {deb}: unsupported entry type for /{path}")
+
+
+def merged_usr_links(tree: Tree) -> None:
+    for name in MERGED_USR_DIRS:
+        if f"usr/{name}" in tree.entries:
+            tree.add(name, Entry(tarfile.SYMTYPE, 0o777, linkname=f"usr/{name}"), "merged /usr")
+
+
+def compile_pyc(tree: Tree, prefixes: list[str]) -> None:
+    if sys.version_info[:2] != (3, 11):
+        raise SystemExit(f"layer: .pyc files for the image's Python 3.11 need Python 3.11 here, not {sys.version}")
+    from importlib import _bootstrap_external
+
+    prefixes = [p.strip("/") + "/" for p in prefixes]
+    for path in sorted(tree.entries):
+        entry = tree.entries[path]
+        if entry.kind != tarfile.REGTYPE or not path.endswith(".py") or not any(path.startswith(p) for p in prefixes):
+            continue
+        try:
+            code = compile(entry.data, "/" + path, "exec", dont_inherit=True, optimize=0)
+        except SyntaxError:
+            continue  # e.g. lib2to3's test data: Python 2 files that are never imported
+        pyc = _bootstrap_external._code_to_hash_pyc(code, importlib.util.source_hash(entry.data), checked=False)
+        directory, name = posixpath.split(path)
+        target = f"{directory}/__pycache__/{name[:-3]}.{sys.implementation.cache_tag}.pyc"
+        tree.add(target, Entry(tarfile.REGTYPE, 0o644, bytes(pyc)), "compile")
+
+
+def build(spec: dict, resolve) -> Tree:
+    tree = Tree()
+    for deb in spec.get("debs", []):
+        add_deb(tree, resolve(deb), spec)
+    if spec.get("merged_usr"):
+        merged_usr_links(tree)
+    for item in spec.get("files", []):
+        path = resolve(item)
+        with open(path, "rb") as f:
+            data = f.read()
+        mode = item.get("mode")
+        if mode is None:
+            mode = 0o755 if os.stat(path).st_mode & stat.S_IXUSR else 0o644
+        tree.add(item["dest"], Entry(tarfile.REGTYPE, mode, data), path)
+    for dest, text in spec.get("contents", {}).items():
+        tree.add(dest, Entry(tarfile.REGTYPE, 0o644, text.encode()), "contents")
+    for dest, target in spec.get("symlinks", {}).items():
+        tree.add(dest, Entry(tarfile.SYMTYPE, 0o777, linkname=target), "symlinks")
+    for dest in spec.get("dirs", []):
+        tree.add(dest, Entry(tarfile.DIRTYPE, 0o755), "dirs")
+    if spec.get("compile"):
+        compile_pyc(tree, spec["compile"])
+    return tree
+
+
+def write_layer(tree: Tree, output: str) -> None:
+    with (
+        open(output, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as gz,
+    ):
+        tree.write(gz)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument(
+        "--inputs_root",
+        help="resolve inputs by their runfiles path below this directory (tests) instead of their exec path",
+    )
+    args = parser.parse_args()
+    with open(args.spec) as f:
+        spec = json.load(f)
+    if args.inputs_root:
+        resolve = lambda item: os.path.normpath(os.path.join(args.inputs_root, item["short"]))  # noqa: E731
+    else:
+        resolve = lambda item: item["src"]  # noqa: E731
+    write_layer(build(spec, resolve), args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Runs the image in a real container engine (podman + runc) against the fake kubelet.
+
+The container gets only what a hardened DaemonSet gives it: the device-plugin directory
+bind-mounted, a read-only root file system, no capabilities, no network. The fake kubelet
+listens on kubelet.sock in that directory on the host side.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from bazel.oci import load
+from tests.daemon import short_tempdir
+from tests.fake_kubelet import FakeKubelet, Mode
+from tests.image import imagefs
+
+RESOURCE = "example.com/token"
+SOCKET = "token-resource.sock"
+PODMAN = ["podman", "--runtime", "runc"]
+# This host's podman needs explicit ulimits (see DEVELOPERS.md).
+RUN_FLAGS = ["--ulimit", "nofile=1024:20000", "--ulimit", "nproc=4096:4096", "--network", "none"]
+
+
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*PODMAN, *args], check=check, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def image_tag():
+    tag = f"localhost/token-resource:runtime-test-{os.getpid()}"
+    load.main(["--image", imagefs.runfile("image_index"), "--tag", tag, "--engine", "podman"])
+    yield tag
+    podman("rmi", "--force", tag, check=False)
+
+
+@pytest.fixture
+def container_name():
+    name = f"token-resource-test-{os.getpid()}-{time.monotonic_ns()}"
+    yield name
+    logs = podman("logs", name, check=False)
+    print(f"---- container log ----\n{logs.stdout}{logs.stderr}")
+    podman("rm", "--force", name, check=False)
+
+
+def test_registers_allocates_and_stops_cleanly(image_tag, container_name):
+    plugin_dir = short_tempdir("tr-img-")
+    kubelet = FakeKubelet(plugin_dir, Mode.E2)
+    kubelet.start()
+    try:
+        podman(
+            "run",
+            "--detach",
+            "--name",
+            container_name,
+            *RUN_FLAGS,
+            "--read-only",
+            "--cap-drop=ALL",
+            "--security-opt=no-new-privileges",
+            "--volume",
+            f"{plugin_dir}:/var/lib/kubelet/device-plugins",
+            image_tag,
+            "--count",
+            "2",
+            "--resource",
+            RESOURCE,
+            "--socket",
+            SOCKET,
+        )
+        kubelet.wait_until(
+            lambda k: (
+                RESOURCE in k.resources and k.resources[RESOURCE].connected and k.resources[RESOURCE].allocatable == 2
+            ),
+            timeout=60,
+        )
+        request = kubelet.register_requests[0]
+        assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", SOCKET, RESOURCE)
+        snapshot = kubelet.resources[RESOURCE].snapshots[-1]
+        assert sorted((d.ID, d.health) for d in snapshot.devices) == [("item-0", "Healthy"), ("item-1", "Healthy")]
+
+        allocation = kubelet.admit("pod-a", "app", RESOURCE, 1)
+        assert len(allocation.ids) == 1
+        assert kubelet.admit("pod-b", "app", RESOURCE, 1).ids != allocation.ids
+        assert os.path.exists(os.path.join(plugin_dir, SOCKET))
+
+        podman("stop", "--time", "20", container_name)
+        state = podman("inspect", "--format", "{{.State.ExitCode}} {{.State.OOMKilled}}", container_name).stdout.split()
+        assert state == ["0", "false"]
+        assert not os.path.exists(os.path.join(plugin_dir, SOCKET)), "the plugin left its socket behind"
+        assert kubelet.violations == []
+    finally:
+        kubelet.stop()
+        shutil.rmtree(plugin_dir, ignore_errors=True)
+
+
+def test_version_flag(image_tag):
+    result = podman("run", "--rm", *RUN_FLAGS, "--read-only", "--cap-drop=ALL", image_tag, "--version")
+    assert result.stdout.startswith("token-resource ")
