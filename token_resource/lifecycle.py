@@ -38,8 +38,8 @@ REGISTER_BACKOFF_FIRST_S = 0.5
 REGISTER_BACKOFF_CAP_S = 10.0
 
 
-class StartupError(Exception):
-    """The plugin cannot start; the message says why and what to do."""
+class CannotServeError(Exception):
+    """The plugin cannot serve, at start or later; the message says why and what to do."""
 
 
 class _Signal(enum.Enum):
@@ -117,7 +117,7 @@ class PluginRunner:
     # The loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Runs until stop(); raises StartupError if the plugin cannot serve at all."""
+        """Runs until stop(); raises CannotServeError if the plugin cannot serve."""
         self._start_server()
         watch = self._watch_directory()
         try:
@@ -142,10 +142,13 @@ class PluginRunner:
             return kubelet.DirectoryWatch(self.config.plugin_dir, self.config.socket, self._events.put)
         except OSError as error:
             self._stop_server()
-            raise StartupError(f"cannot watch {self.config.plugin_dir}: {error.strerror}") from None
+            raise CannotServeError(f"cannot watch {self.config.plugin_dir}: {error.strerror}") from None
 
     def _timeout(self) -> float | None:
-        deadlines = [d for d in (self._list_and_watch_deadline,) if d is not None]
+        """Seconds until the loop has something to do by itself, or None to wait for events."""
+        deadlines = []
+        if self._list_and_watch_deadline is not None:
+            deadlines.append(self._list_and_watch_deadline)
         if self._want_register and self._pending is None:
             deadlines.append(self._next_attempt)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -181,7 +184,7 @@ class PluginRunner:
                 logging.info("%s: kubelet.sock created (kubelet restart); registering again", self.config.resource)
                 self._reregister_now()
         elif event is kubelet.DirectoryEvent.DIRECTORY_REMOVED:
-            raise StartupError(f"the device-plugin directory {self.config.plugin_dir} was removed")
+            raise CannotServeError(f"the device-plugin directory {self.config.plugin_dir} was removed")
         elif event is _Signal.DEVICES_CHANGED:
             snapshot = self._policy.devices()
             metrics.TOKENS.labels(self.config.resource).set(len(snapshot.devices))
@@ -272,7 +275,7 @@ class PluginRunner:
     def _start_server(self) -> None:
         path = self.config.socket_path
         if not os.path.isdir(self.config.plugin_dir):
-            raise StartupError(
+            raise CannotServeError(
                 f"the device-plugin directory {self.config.plugin_dir} does not exist "
                 "(is the kubelet's directory mounted? see --plugin_dir)"
             )
@@ -287,7 +290,7 @@ class PluginRunner:
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError:
-            raise StartupError(f"cannot create the socket {path}: is {self.config.plugin_dir} writable?") from None
+            raise CannotServeError(f"cannot create the socket {path}: is {self.config.plugin_dir} writable?") from None
         server.start()
         # None if the kubelet deleted the socket at once (it was starting): the loop serves again.
         self._server = _Server(server, servicer, _inode(path))
@@ -313,7 +316,7 @@ def _claim_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
+        raise CannotServeError(f"{path} exists and is not a socket; remove it or choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -324,7 +327,7 @@ def _claim_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise StartupError(f"another process is serving on {path}; stop it or give this one another --socket")
+    raise CannotServeError(f"another process is serving on {path}; stop it or give this one another --socket")
 
 
 def handle_signals(handlers: Mapping[signal.Signals, Callable[[], None]]) -> None:

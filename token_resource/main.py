@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from token_resource import config
-from token_resource.lifecycle import StartupError, handle_signals
+from token_resource.lifecycle import CannotServeError, handle_signals
 from token_resource.status import StatusServer
 from token_resource.supervisor import ConfigFile, Supervisor
 
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     logging.info("token-resource %s: %s", VERSION, ", ".join(f"{p.count} x {p.resource}" for p in plugins))
     try:
         supervisor.run()
-    except StartupError as error:
+    except CannotServeError as error:
         return _fail(str(error))
     finally:
         if status is not None:

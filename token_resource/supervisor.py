@@ -14,7 +14,7 @@ from absl import logging
 
 from token_resource import config, metrics, watch
 from token_resource.config import ConfigError, PluginConfig
-from token_resource.lifecycle import PluginRunner, RunnerStatus, StartupError
+from token_resource.lifecycle import CannotServeError, PluginRunner, RunnerStatus
 from token_resource.tokens import TokenPolicy
 
 
@@ -64,7 +64,7 @@ class Supervisor:
         self._events: queue.Queue = queue.Queue()
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
-        self._failure: StartupError | None = None
+        self._failure: CannotServeError | None = None
         self.generation = 1
         self.reload_error: str | None = None
 
@@ -75,7 +75,7 @@ class Supervisor:
         self._events.put(_RELOAD)
 
     def run(self) -> None:
-        """Serves until stop(); raises StartupError if a plugin cannot serve."""
+        """Serves until stop(); raises CannotServeError if a plugin cannot serve."""
         metrics.CONFIG_GENERATION.set(self.generation)
         metrics.CONFIG_LAST_RELOAD_OK.set(1)
         config_watch = self._watch_config()
@@ -189,7 +189,7 @@ class Supervisor:
     def _run_plugin(self, runner: PluginRunner) -> None:
         try:
             runner.run()
-        except StartupError as error:
+        except CannotServeError as error:
             self._failure = error
             self._events.put(_STOP)
 
