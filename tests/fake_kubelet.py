@@ -148,14 +148,24 @@ class FakeKubelet:
             self.restarts += 1
             for resource in self.resources.values():
                 resource.options = None  # unknown until the plugin registers again
+                self._disconnect(resource)
         self.start()
 
     def cancel_stream(self, resource: str) -> None:
         """Closes the connection to a plugin, which ends its ListAndWatch stream."""
         with self._state:
-            channel = self.resources[resource].channel
+            state = self.resources[resource]
+            channel = state.channel
+            self._disconnect(state)  # the kubelet drops the endpoint before it closes the channel
         if channel is not None:
             channel.close()
+
+    def _disconnect(self, resource: Resource) -> None:
+        """Marks a resource's plugin gone: its devices turn unhealthy (allocatable 0)."""
+        resource.unhealthy |= resource.healthy
+        resource.healthy = set()
+        resource.connected = False
+        self._state.notify_all()
 
     # State -------------------------------------------------------------------------------------
 
@@ -294,9 +304,7 @@ class FakeKubelet:
             pass
         with self._state:
             if resource.channel is channel:  # only the current endpoint marks the resource down
-                resource.unhealthy |= resource.healthy
-                resource.healthy = set()
-                resource.connected = False
+                self._disconnect(resource)
             self._state.notify_all()
 
     def _check_snapshot(self, name: str, snapshot: api_pb2.ListAndWatchResponse) -> None:
