@@ -5,6 +5,7 @@ the options, the device list and the allocation decisions. A new device list is 
 `DevicePluginServicer.publish`, and every open ListAndWatch stream sends it once.
 """
 
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -74,11 +75,15 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     def _count(self, method: str) -> None:
         metrics.CALLS.labels(self._resource, method).inc()
 
-    def GetDevicePluginOptions(self, request, context) -> api_pb2.DevicePluginOptions:
+    def GetDevicePluginOptions(
+        self, request: api_pb2.Empty, context: grpc.ServicerContext
+    ) -> api_pb2.DevicePluginOptions:
         self._count("GetDevicePluginOptions")
         return self._policy.options()
 
-    def ListAndWatch(self, request, context) -> Iterator[api_pb2.ListAndWatchResponse]:
+    def ListAndWatch(
+        self, request: api_pb2.Empty, context: grpc.ServicerContext
+    ) -> Iterator[api_pb2.ListAndWatchResponse]:
         # Each stream pins a server thread; the callback wakes it when the kubelet goes away.
         self._count("ListAndWatch")
         if not context.add_callback(self._wake):
@@ -91,7 +96,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             sent = -1
             while True:
                 with self._changed:
-                    self._changed.wait_for(lambda sent=sent: not context.is_active() or self._generation != sent)
+                    self._changed.wait_for(functools.partial(self._news_for, context, sent))
                     if not context.is_active():
                         return
                     sent, snapshot = self._generation, self._snapshot
@@ -104,11 +109,17 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             if not self._closed:
                 self._listener.stream_closed(remaining)
 
+    def _news_for(self, context: grpc.ServicerContext, sent: int) -> bool:
+        """Whether a stream that sent generation `sent` has something to do (lock held)."""
+        return not context.is_active() or self._generation != sent
+
     def _wake(self) -> None:
         with self._changed:
             self._changed.notify_all()
 
-    def GetPreferredAllocation(self, request, context) -> api_pb2.PreferredAllocationResponse:
+    def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreferredAllocationResponse:
         self._count("GetPreferredAllocation")
         response = api_pb2.PreferredAllocationResponse()
         try:
@@ -124,7 +135,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         logging.vlog(1, "GetPreferredAllocation -> %s", [list(r.deviceIDs) for r in response.container_responses])
         return response
 
-    def Allocate(self, request, context) -> api_pb2.AllocateResponse:
+    def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> api_pb2.AllocateResponse:
         self._count("Allocate")
         if not request.container_requests:
             self._refuse(context, "Allocate", AllocationError("Allocate: the request has no container requests"))
@@ -137,7 +148,9 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         logging.vlog(1, "Allocate %s", [list(c.devices_ids) for c in request.container_requests])
         return response
 
-    def PreStartContainer(self, request, context) -> api_pb2.PreStartContainerResponse:
+    def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreStartContainerResponse:
         self._count("PreStartContainer")
         logging.vlog(1, "PreStartContainer %s", list(request.devices_ids))
         return api_pb2.PreStartContainerResponse()

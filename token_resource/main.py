@@ -9,6 +9,8 @@ The original Go plugin's command line (-loglevel 0 -socket token-resource -count
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -47,8 +49,10 @@ flags.DEFINE_float(
 )
 
 
-def _validator(check):
-    def validate(value) -> bool:
+def _validator(check: Callable[[Any], None]) -> Callable[[Any], bool]:
+    """An absl flag validator from a check that raises ConfigError."""
+
+    def validate(value: Any) -> bool:
         try:
             check(value)
         except config.ConfigError as error:

@@ -160,14 +160,14 @@ class Supervisor:
             if new is None or (new.socket, new.plugin_dir) != (running.plugin.socket, running.plugin.plugin_dir):
                 self._withdraw(name)  # a moved socket is a new registration
         for name, plugin in wanted.items():
-            running = self._running.get(name)
-            if running is None:
+            current = self._running.get(name)
+            if current is None:
                 self._start(plugin)
-            elif running.plugin != plugin:
-                logging.info("%s: count %d -> %d", name, running.policy.count, plugin.count)
-                running.policy.count = plugin.count
-                running.plugin = plugin
-                running.runner.devices_changed()
+            elif current.plugin != plugin:
+                logging.info("%s: count %d -> %d", name, current.policy.count, plugin.count)
+                current.policy.count = plugin.count
+                current.plugin = plugin
+                current.runner.devices_changed()
 
     def _start(self, plugin: PluginConfig) -> None:
         policy = TokenPolicy(plugin.resource, plugin.count)

@@ -34,6 +34,11 @@ def token_index(token: str) -> int | None:
     return None
 
 
+def _order(token: str) -> int:
+    """Sort key for IDs already checked to be well formed."""
+    return token_index(token) or 0
+
+
 def snapshot(count: int) -> api_pb2.ListAndWatchResponse:
     return api_pb2.ListAndWatchResponse(devices=[api_pb2.Device(ID=token_id(i), health=HEALTHY) for i in range(count)])
 
@@ -109,7 +114,7 @@ class TokenPolicy:
         if len(set(ids)) != len(ids):
             raise AllocationError(f"Allocate: duplicate token IDs in {list(ids)}")
         self._check_ids(ids, "Allocate")
-        held = ",".join(sorted(ids, key=token_index))
+        held = ",".join(sorted(ids, key=_order))
         return api_pb2.ContainerAllocateResponse(
             envs={env_name(self.resource): held},
             annotations={self.resource: held},
@@ -124,7 +129,7 @@ class TokenPolicy:
             raise AllocationError(
                 f"GetPreferredAllocation: allocation size {size} is smaller than the {len(chosen)} must-include tokens"
             )
-        rest = sorted(set(available) - set(chosen), key=token_index)
+        rest = sorted(set(available) - set(chosen), key=_order)
         if len(chosen) + len(rest) < size:
             raise AllocationError(
                 f"GetPreferredAllocation: {size} tokens requested but only {len(chosen) + len(rest)} offered"

@@ -38,7 +38,7 @@ class DirectoryEvents:
 
     def _run(self) -> None:
         while True:
-            ready, _, _ = select.select([self._inotify, self._wake_read], [], [])
+            ready, _, _ = select.select([self._inotify.fileno(), self._wake_read], [], [])
             if self._wake_read in ready:
                 return
             for event in self._inotify.read(timeout=0):
