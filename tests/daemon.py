@@ -8,7 +8,7 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from token_resource import watch
 
@@ -28,13 +28,13 @@ def short_tempdir(prefix: str = "tr-") -> str:
 class Daemon:
     """One token-resource process; its stderr (absl logs) goes to a file for diagnosis."""
 
-    def __init__(self, *args: str, log_dir: str | None = None) -> None:
+    def __init__(self, *args: str, log_dir: str | None = None, launcher: Sequence[str] = ()) -> None:
         self.args = list(args)
         self._log_dir = log_dir or short_tempdir("tr-log-")
         self.log_path = os.path.join(self._log_dir, "daemon.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (open as long as the process runs)
         self.process = subprocess.Popen(
-            [binary_path(), "--logtostderr", *self.args],
+            [*launcher, binary_path(), "--logtostderr", *self.args],
             stdout=subprocess.PIPE,
             stderr=self._log,
         )

@@ -10,35 +10,40 @@ import pytest
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import short_tempdir
 from token_resource import tokens
-from token_resource.device_plugin import DevicePluginServicer
+from token_resource.device_plugin import MAX_STREAMS, DevicePluginServicer
 
 
 class Listener:
     def __init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
 
-    def stream_opened(self) -> None:
+    def stream_opened(self, servicer: DevicePluginServicer) -> None:
         self.events.put("opened")
 
-    def stream_closed(self, remaining: int) -> None:
+    def stream_closed(self, servicer: DevicePluginServicer, remaining: int) -> None:
         self.events.put(("closed", remaining))
 
 
 @pytest.fixture
-def served():
-    """(servicer, stub, listener) for a servicer with 3 tokens on a unix socket."""
+def socket_path():
     directory = short_tempdir()
+    yield f"{directory}/p.sock"
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def served(socket_path):
+    """(servicer, stub, listener) for a servicer with 3 tokens on a unix socket."""
     listener = Listener()
     servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener, "example.com/token")
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
-    api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
-    server.add_insecure_port(f"unix:{directory}/p.sock")
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+    servicer.add_to_server(server)
+    server.add_insecure_port(f"unix:{socket_path}")
     server.start()
-    channel = grpc.insecure_channel(f"unix://{directory}/p.sock")
+    channel = grpc.insecure_channel(f"unix://{socket_path}")
     yield servicer, api_pb2_grpc.DevicePluginStub(channel), listener
     channel.close()
     server.stop(None).wait()
-    shutil.rmtree(directory)
 
 
 def ids(snapshot: api_pb2.ListAndWatchResponse) -> list[str]:
@@ -131,3 +136,34 @@ def test_refusals_are_invalid_argument_with_the_reason(served, call, request_mes
         getattr(stub, call)(request_message)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in raised.value.details()
+
+
+def test_beyond_the_stream_limit_the_oldest_stream_ends(served):
+    _, stub, _ = served
+    streams = []
+    for _ in range(MAX_STREAMS + 1):  # one at a time, so the server sees them in this order
+        streams.append(stub.ListAndWatch(api_pb2.Empty()))
+        next(streams[-1])
+    with pytest.raises(grpc.RpcError) as raised:
+        next(streams[0])
+    assert raised.value.code() == grpc.StatusCode.ABORTED
+    assert "superseded by a newer ListAndWatch stream" in raised.value.details()
+    allocated = stub.Allocate(
+        api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-0"])]),
+        timeout=5,
+    )
+    assert allocated.container_responses[0].envs["EXAMPLE_COM_TOKEN"] == "item-0"
+    for stream in streams[1:]:
+        stream.cancel()
+
+
+@pytest.mark.parametrize(
+    "method", ["Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions"]
+)
+def test_a_malformed_request_is_invalid_argument(served, socket_path, method):
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        call = channel.unary_unary(f"/v1beta1.DevicePlugin/{method}")  # raw bytes, no serializer
+        with pytest.raises(grpc.RpcError) as raised:
+            call(b"\xff\xff\xff", timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid message" in raised.value.details()

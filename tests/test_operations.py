@@ -253,6 +253,7 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
         assert samples[("token_resource_registered", (resource,))] == 1
         kubelet.restart()
         kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertises(TOKEN, 3)(k))
+        wait_for_http(port, "/readyz", 200)  # the daemon has taken in the registration's answer
         samples = metric_samples(port)
         # the fake kubelet's first start deleted the plugin's socket too, as a real one does
         assert samples[("token_resource_kubelet_restarts_total", (resource,))] == 2

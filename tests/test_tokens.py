@@ -53,7 +53,7 @@ def test_allocate_tells_the_container_its_tokens():
         (["item-4"], 'unknown token ID "item-4"'),
         (["gpu-0"], 'unknown token ID "gpu-0"'),
         ([], "no token IDs"),
-        (["item-1", "item-1"], "duplicate token IDs"),
+        (["item-1", "item-1"], 'duplicate token IDs "item-1"'),
     ],
 )
 def test_allocate_refuses_bad_ids_with_a_clear_message(ids, message):

@@ -7,14 +7,22 @@ the options, the device list and the allocation decisions. A new device list is 
 
 import functools
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import grpc
 from absl import logging
+from google.protobuf import message
 
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from deviceplugin.v1beta1 import api_pb2
 from token_resource import metrics
+
+SERVICE = "v1beta1.DevicePlugin"
+# Each ListAndWatch stream pins a server thread. The kubelet holds one per registration (an
+# older kubelet may leave the previous one open a while), so beyond this many the oldest is
+# ended: a flood of streams must never leave Allocate, which the kubelet calls without a
+# deadline, waiting for a thread.
+MAX_STREAMS = 4
 
 
 class AllocationError(Exception):
@@ -32,14 +40,33 @@ class DevicePolicy(Protocol):
 
 
 class StreamListener(Protocol):
-    """Told when the kubelet opens or loses a ListAndWatch stream."""
+    """Told when the kubelet opens or loses a ListAndWatch stream of `servicer`."""
 
-    def stream_opened(self) -> None: ...
+    def stream_opened(self, servicer: "DevicePluginServicer") -> None: ...
 
-    def stream_closed(self, remaining: int) -> None: ...
+    def stream_closed(self, servicer: "DevicePluginServicer", remaining: int) -> None: ...
 
 
-class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
+class _Undecodable:
+    """Stands for a request that is not a valid message of its type."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _lenient(parse: Callable[[bytes], message.Message]) -> Callable[[bytes], Any]:
+    # grpcio keeps memory for every request its deserializer fails on; answering a malformed
+    # request ourselves (INVALID_ARGUMENT) keeps the daemon's footprint flat under garbage.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except message.DecodeError:
+            return UNDECODABLE
+
+    return deserialize
+
+
+class DevicePluginServicer:
     """Serves all five DevicePlugin methods from a DevicePolicy."""
 
     def __init__(self, policy: DevicePolicy, listener: StreamListener, resource: str) -> None:
@@ -49,8 +76,30 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         self._changed = threading.Condition()
         self._snapshot = policy.devices()
         self._generation = 0
-        self._open_streams = 0
+        self._streams: list[int] = []  # ids of the open streams, oldest first
+        self._next_stream = 0
         self._closed = False
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        def unary(
+            method: Callable[[Any, grpc.ServicerContext], message.Message], request: type[message.Message]
+        ) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=_lenient(request.FromString), response_serializer=_serialize
+            )
+
+        handlers = {
+            "GetDevicePluginOptions": unary(self.GetDevicePluginOptions, api_pb2.Empty),
+            "ListAndWatch": grpc.unary_stream_rpc_method_handler(
+                self.ListAndWatch,
+                request_deserializer=_lenient(api_pb2.Empty.FromString),
+                response_serializer=_serialize,
+            ),
+            "GetPreferredAllocation": unary(self.GetPreferredAllocation, api_pb2.PreferredAllocationRequest),
+            "Allocate": unary(self.Allocate, api_pb2.AllocateRequest),
+            "PreStartContainer": unary(self.PreStartContainer, api_pb2.PreStartContainerRequest),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     def publish(self, snapshot: api_pb2.ListAndWatchResponse) -> None:
         """Sends `snapshot` on every open stream, unless it equals the one in force."""
@@ -70,33 +119,42 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     @property
     def open_streams(self) -> int:
         with self._changed:
-            return self._open_streams
+            return len(self._streams)
 
-    def _count(self, method: str) -> None:
+    def _count(self, method: str, request: object, context: grpc.ServicerContext) -> None:
         metrics.CALLS.labels(self._resource, method).inc()
+        if request is UNDECODABLE:
+            metrics.CALL_ERRORS.labels(self._resource, method).inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid message")
 
     def GetDevicePluginOptions(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> api_pb2.DevicePluginOptions:
-        self._count("GetDevicePluginOptions")
+        self._count("GetDevicePluginOptions", request, context)
         return self._policy.options()
 
     def ListAndWatch(
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[api_pb2.ListAndWatchResponse]:
-        # Each stream pins a server thread; the callback wakes it when the kubelet goes away.
-        self._count("ListAndWatch")
+        self._count("ListAndWatch", request, context)
         if not context.add_callback(self._wake):
             return
         with self._changed:
-            self._open_streams += 1
-        self._listener.stream_opened()
+            stream = self._next_stream
+            self._next_stream += 1
+            self._streams.append(stream)
+            if len(self._streams) > MAX_STREAMS:
+                self._streams.pop(0)  # the oldest ends at its next wake-up
+                self._changed.notify_all()
+        self._listener.stream_opened(self)
         logging.vlog(1, "ListAndWatch opened")
         try:
             sent = -1
             while True:
                 with self._changed:
-                    self._changed.wait_for(functools.partial(self._news_for, context, sent))
+                    self._changed.wait_for(functools.partial(self._news_for, stream, context, sent))
+                    if stream not in self._streams:
+                        context.abort(grpc.StatusCode.ABORTED, "superseded by a newer ListAndWatch stream")
                     if not context.is_active():
                         return
                     sent, snapshot = self._generation, self._snapshot
@@ -104,14 +162,15 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
                 yield snapshot
         finally:
             with self._changed:
-                self._open_streams -= 1
-                remaining = self._open_streams
+                if stream in self._streams:
+                    self._streams.remove(stream)
+                remaining = len(self._streams)
             if not self._closed:
-                self._listener.stream_closed(remaining)
+                self._listener.stream_closed(self, remaining)
 
-    def _news_for(self, context: grpc.ServicerContext, sent: int) -> bool:
-        """Whether a stream that sent generation `sent` has something to do (lock held)."""
-        return not context.is_active() or self._generation != sent
+    def _news_for(self, stream: int, context: grpc.ServicerContext, sent: int) -> bool:
+        """Whether stream `stream`, which last sent generation `sent`, has something to do."""
+        return stream not in self._streams or not context.is_active() or self._generation != sent
 
     def _wake(self) -> None:
         with self._changed:
@@ -120,7 +179,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
-        self._count("GetPreferredAllocation")
+        self._count("GetPreferredAllocation", request, context)
         response = api_pb2.PreferredAllocationResponse()
         try:
             for container in request.container_requests:
@@ -136,7 +195,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         return response
 
     def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> api_pb2.AllocateResponse:
-        self._count("Allocate")
+        self._count("Allocate", request, context)
         if not request.container_requests:
             self._refuse(context, "Allocate", AllocationError("Allocate: the request has no container requests"))
         response = api_pb2.AllocateResponse()
@@ -151,7 +210,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     def PreStartContainer(
         self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreStartContainerResponse:
-        self._count("PreStartContainer")
+        self._count("PreStartContainer", request, context)
         logging.vlog(1, "PreStartContainer %s", list(request.devices_ids))
         return api_pb2.PreStartContainerResponse()
 
@@ -159,3 +218,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         metrics.CALL_ERRORS.labels(self._resource, method).inc()
         logging.warning("%s: %s", self._resource, error)
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+def _serialize(response: message.Message) -> bytes:
+    return response.SerializeToString()

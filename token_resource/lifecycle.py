@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping
 import grpc
 from absl import logging
 
-from deviceplugin.v1beta1 import api_pb2_grpc
 from token_resource import kubelet, metrics
 from token_resource.config import PluginConfig
 from token_resource.device_plugin import DevicePluginServicer, DevicePolicy
@@ -53,6 +52,13 @@ class _Signal(enum.Enum):
 class RunnerStatus:
     serving: bool
     registered: bool  # Register succeeded and the kubelet holds a ListAndWatch stream
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamEvent:
+    signal: _Signal
+    servicer: DevicePluginServicer  # events of a server since replaced are stale
+    remaining: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +104,11 @@ class PluginRunner:
     def stop(self) -> None:
         self._events.put(_Signal.STOP)
 
-    def stream_opened(self) -> None:
-        self._events.put(_Signal.STREAM_OPENED)
+    def stream_opened(self, servicer: DevicePluginServicer) -> None:
+        self._events.put(_StreamEvent(_Signal.STREAM_OPENED, servicer, remaining=1))
 
-    def stream_closed(self, remaining: int) -> None:
-        self._events.put((_Signal.STREAM_CLOSED, remaining))
+    def stream_closed(self, servicer: DevicePluginServicer, remaining: int) -> None:
+        self._events.put(_StreamEvent(_Signal.STREAM_CLOSED, servicer, remaining))
 
     def devices_changed(self) -> None:
         """The policy's device list changed: send it to the kubelet."""
@@ -190,13 +196,14 @@ class PluginRunner:
             metrics.TOKENS.labels(self.config.resource).set(len(snapshot.devices))
             if self._server is not None:
                 self._server.servicer.publish(snapshot)
-        elif event is _Signal.STREAM_OPENED:
-            self._list_and_watch_deadline = None
-            self._stream_since_attempt = True
-            logging.info("%s: kubelet opened ListAndWatch", self.config.resource)
-        elif isinstance(event, tuple) and event[0] is _Signal.STREAM_CLOSED and event[1] == 0:
-            logging.info("%s: ListAndWatch stream ended (kubelet gone); registering again", self.config.resource)
-            self._reregister_now()
+        elif isinstance(event, _StreamEvent) and self._server is not None and event.servicer is self._server.servicer:
+            if event.signal is _Signal.STREAM_OPENED:
+                self._list_and_watch_deadline = None
+                self._stream_since_attempt = True
+                logging.info("%s: kubelet opened ListAndWatch", self.config.resource)
+            elif event.remaining == 0:
+                logging.info("%s: ListAndWatch stream ended (kubelet gone); registering again", self.config.resource)
+                self._reregister_now()
         elif isinstance(event, _RegisterDone) and event.future is self._pending:
             self._pending = None
             self._registration_finished(event.future)
@@ -286,7 +293,7 @@ class PluginRunner:
             concurrent.futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)],
         )
-        api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
+        servicer.add_to_server(server)
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError:

@@ -5,6 +5,7 @@ in the kubelet's checkpoint across restarts and across a swap of the binary. Eve
 pure; the kubelet-facing machinery in device_plugin.py calls it.
 """
 
+import collections
 import re
 from collections.abc import Collection, Sequence
 
@@ -32,6 +33,11 @@ def token_index(token: str) -> int | None:
     if digits == "0" or re.fullmatch(r"[1-9][0-9]*", digits):
         return int(digits)
     return None
+
+
+def _quote(token: str, limit: int = 64) -> str:
+    """A token ID for a message: quoted, and cut short (a status message must stay small)."""
+    return '"' + (token if len(token) <= limit else token[:limit] + "...") + '"'
 
 
 def _order(token: str) -> int:
@@ -91,18 +97,28 @@ class TokenPolicy:
         self.resource = resource
         self.count = count
 
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @count.setter
+    def count(self, count: int) -> None:
+        self._count = count
+        # Built once per count: at the largest counts a snapshot takes ~0.4 s to build.
+        self._snapshot = snapshot(count)
+
     def options(self) -> api_pb2.DevicePluginOptions:
         return OPTIONS
 
     def devices(self) -> api_pb2.ListAndWatchResponse:
-        return snapshot(self.count)
+        return self._snapshot
 
     def _check_ids(self, ids: Collection[str], what: str) -> None:
         for token in ids:
             index = token_index(token)
             if index is None or index >= self.count:
                 raise AllocationError(
-                    f'{what}: unknown token ID "{token}" for {self.resource}: this node has '
+                    f"{what}: unknown token ID {_quote(token)} for {self.resource}: this node has "
                     f"{token_id(0)} to {token_id(self.count - 1)}"
                 )
 
@@ -112,7 +128,10 @@ class TokenPolicy:
         if not ids:
             raise AllocationError(f"Allocate: a container request for {self.resource} has no token IDs")
         if len(set(ids)) != len(ids):
-            raise AllocationError(f"Allocate: duplicate token IDs in {list(ids)}")
+            duplicates = sorted(token for token, seen in collections.Counter(ids).items() if seen > 1)
+            shown = ", ".join(_quote(token) for token in duplicates[:3])
+            more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
+            raise AllocationError(f"Allocate: duplicate token IDs {shown}{more}")
         self._check_ids(ids, "Allocate")
         held = ",".join(sorted(ids, key=_order))
         return api_pb2.ContainerAllocateResponse(
