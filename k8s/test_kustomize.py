@@ -1,0 +1,190 @@
+"""`kubectl kustomize k8s/` renders what the plain manifest holds, hardened as the README says.
+
+kubectl must be on PATH (tools/bazel installs Debian's kubernetes-client where none is). Its
+built-in kustomize renders the directory, so the kustomization is checked with the tool users run.
+"""
+
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from k8s import manifests
+from token_resource import config
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, dict]:
+    assert KUBECTL, "kubectl is not on PATH: run tools/bazel once (it installs Debian's kubernetes-client)"
+    # A plain copy: kustomize refuses files that are symlinks out of the directory (Bazel's runfiles).
+    directory = tmp_path_factory.mktemp("k8s")
+    for name in ("kustomization.yaml", *manifests.MANIFESTS):
+        shutil.copyfile(manifests.K8S_DIR / name, directory / name)
+    output = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=False)
+    assert output.returncode == 0, output.stderr
+    documents = [doc for doc in yaml.safe_load_all(output.stdout) if doc]
+    return {doc["kind"]: doc for doc in documents} | {"_all": documents}
+
+
+@pytest.fixture(scope="module")
+def pod(rendered) -> dict:
+    return rendered["DaemonSet"]["spec"]["template"]["spec"]
+
+
+@pytest.fixture(scope="module")
+def container(pod) -> dict:
+    [container] = pod["containers"]
+    return container
+
+
+def test_kustomize_installs_exactly_the_plain_manifest(rendered):
+    plain = manifests.load_documents(manifests.K8S_DIR / "token-resource.yaml")
+    key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
+    assert sorted(rendered["_all"], key=key) == sorted(plain, key=key)
+    # Namespace, then ServiceAccount and ConfigMap, before the DaemonSet that uses them.
+    assert [doc["kind"] for doc in rendered["_all"]] == ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"]
+    for doc in rendered["_all"]:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "token-resource"
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "token-resource"
+
+
+def test_namespace_is_labelled_privileged_for_the_hostpath(rendered):
+    labels = rendered["Namespace"]["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "privileged"
+
+
+def test_container_security_context(container, pod):
+    context = container["securityContext"]
+    assert context["privileged"] is False
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert "add" not in context["capabilities"]
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for host_namespace in ("hostNetwork", "hostPID", "hostIPC"):
+        assert pod.get(host_namespace, False) is False
+
+
+def test_only_the_device_plugin_directory_comes_from_the_host(pod, container):
+    host_paths = [volume for volume in pod["volumes"] if "hostPath" in volume]
+    assert host_paths == [
+        {"name": "device-plugins", "hostPath": {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}}
+    ]
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts["device-plugins"]["mountPath"] == config.DEFAULT_PLUGIN_DIR
+    # Every other volume is a ConfigMap, read-only and not via subPath (which never updates).
+    for volume in pod["volumes"]:
+        if volume["name"] != "device-plugins":
+            assert set(volume) == {"name", "configMap"}
+            assert mounts[volume["name"]]["readOnly"] is True
+            assert "subPath" not in mounts[volume["name"]]
+
+
+def test_no_service_account_token(rendered, pod):
+    assert pod["automountServiceAccountToken"] is False
+    assert rendered["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == rendered["ServiceAccount"]["metadata"]["name"]
+
+
+def test_scheduling_every_linux_node_first(pod):
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    tolerated = {(t.get("key"), t["operator"], t.get("effect")) for t in pod["tolerations"]}
+    assert {(None, "Exists", "NoSchedule"), (None, "Exists", "NoExecute")} <= tolerated
+
+
+def test_rolling_update_never_surges(rendered):
+    strategy = rendered["DaemonSet"]["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 1
+    # Absent means the default, 0; a 1.20 API server refuses the field altogether.
+    assert strategy["rollingUpdate"].get("maxSurge", 0) == 0
+
+
+def _mebibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+    return int(number) * (1024 if unit == "Gi" else 1)
+
+
+def test_resources_leave_room_above_the_measured_rss(container):
+    resources = container["resources"]
+    assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
+    # The daemon idles at 45 MiB VmRSS, 25 MiB cgroup usage (comment in token-resource.yaml); Go-sized limits OOM it.
+    assert _mebibytes(resources["requests"]["memory"]) >= 48
+    assert _mebibytes(resources["limits"]["memory"]) >= 2 * _mebibytes(resources["requests"]["memory"])
+
+
+def test_image_is_the_one_bazel_loads(container):
+    assert container["image"] == "token-resource:latest"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_probes_use_the_daemons_http_endpoint(container):
+    args = container["args"]
+    [port] = [int(arg.split("=", 1)[1]) for arg in args if arg.startswith("--http_port=")]
+    [named] = container["ports"]
+    assert (named["name"], named["containerPort"]) == ("http", port)
+    paths = {
+        probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert paths == {
+        "startupProbe": ("/healthz", "http"),
+        "livenessProbe": ("/healthz", "http"),
+        "readinessProbe": ("/readyz", "http"),
+    }
+    # No host: the kubelet probes the pod IP, where the daemon listens ($POD_IP).
+    assert all("host" not in container[probe]["httpGet"] for probe in paths)
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName", "POD_IP": "status.podIP"}
+
+
+def _config(rendered) -> tuple[str, str]:
+    [arg] = [a for a in rendered["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]["args"] if "--config" in a]
+    path = pathlib.PurePosixPath(arg.split("=", 1)[1])
+    pod = rendered["DaemonSet"]["spec"]["template"]["spec"]
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    configmap = rendered["ConfigMap"]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    return configmap["data"][path.name], str(path)
+
+
+def test_configmap_holds_a_config_the_daemon_accepts(rendered):
+    text, _ = _config(rendered)
+    [plugin] = config.parse_config(text, config.DEFAULT_PLUGIN_DIR, "any-node")
+    assert (plugin.resource, plugin.count, plugin.socket) == ("example.com/token", 2, "token-resource.sock")
+
+
+def test_the_commented_examples_work_when_uncommented(rendered):
+    text, _ = _config(rendered)
+    # Comment lines that are YAML (`key: value`, `- key: value`, `key:`), not prose.
+    example = re.sub(r"(?m)^(\s*)# ( *(?:- )?[\w./-]+:(?: \S+)?)$", r"\1\2", text)
+    assert example != text
+    counts = {
+        node: {p.resource: p.count for p in config.parse_config(example, config.DEFAULT_PLUGIN_DIR, node)}
+        for node in ("worker-small", "worker-big", "another-node")
+    }
+    assert counts == {
+        "worker-small": {"example.com/token": 1, "example.com/licence": 4},
+        "worker-big": {"example.com/token": 8, "example.com/licence": 4},
+        "another-node": {"example.com/token": 2, "example.com/licence": 4},
+    }
+
+
+def test_the_test_deployment_asks_for_one_token_of_the_configured_resource(rendered):
+    [deployment] = manifests.load_documents(manifests.K8S_DIR / "token-resource-test.yaml")
+    text, _ = _config(rendered)
+    [plugin] = config.parse_config(text, config.DEFAULT_PLUGIN_DIR, None)
+    assert deployment["spec"]["replicas"] == 10
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"][plugin.resource] == 1
+    assert container["imagePullPolicy"] == "IfNotPresent"
