@@ -1,6 +1,6 @@
 """Benchmarks of the real token-resource daemon, each beside its baseline, in one run.
 
-    tools/bazel run //bench -- all                  # everything (~4 minutes on 2 cores)
+    tools/bazel run //bench -- all                  # everything (~2.5 minutes on 2 cores)
     tools/bazel run //bench -- allocate startup     # some of: allocate startup recovery idle scale
     tools/bazel run //bench -- all --json=/tmp/r.json --repeats=7
 
@@ -21,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+# Keep gRPC's C-core INFO lines ("Got goaway ...") out of the tables; inherited by the daemons spawned.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 

@@ -75,9 +75,10 @@ def served():
         rc = daemon.terminate()
         log = daemon.log()
         daemon.close()
-        # grpcio logs each undecodable request with a traceback ("Exception deserializing
-        # message!"); an exception inside a handler would read "Exception calling application".
+        # An exception inside a handler would read "Exception calling application", and one in
+        # grpcio's deserialization "Exception deserializing"; the daemon lets neither happen.
         assert rc == 0 and "Exception calling application" not in log, log[-3000:]
+        assert "Exception deserializing" not in log, log[-3000:]
 
 
 def _call(fn) -> tuple[grpc.StatusCode, object]:
