@@ -28,7 +28,9 @@ def short_tempdir(prefix: str = "tr-") -> str:
 class Daemon:
     """One token-resource process; its stderr (absl logs) goes to a file for diagnosis."""
 
-    def __init__(self, *args: str, log_dir: str | None = None, launcher: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *args: str, log_dir: str | None = None, launcher: Sequence[str] = (), cwd: str | None = None
+    ) -> None:
         self.args = list(args)
         self._log_dir = log_dir or short_tempdir("tr-log-")
         self.log_path = os.path.join(self._log_dir, "daemon.log")
@@ -37,6 +39,7 @@ class Daemon:
             [*launcher, binary_path(), "--logtostderr", *self.args],
             stdout=subprocess.PIPE,
             stderr=self._log,
+            cwd=cwd,
         )
 
     @property

@@ -115,6 +115,13 @@ def test_json_is_accepted_too():
             "socket s is declared more than once",
         ),
         ("resources: [{name: example.com/t, socket: " + "s" * 110 + "}]", "longer than 107 bytes"),
+        ("resources: [{name: example.com/t, nodes: {010: 1}}]", "node name 8 is not a string; quote it"),
+        ("resources: [{name: example.com/t, nodes: {yes: 1}}]", "node name True is not a string"),
+        ("resources: [{name: example.com/t, 1: x, b: y}]", "unknown key(s) ['1', 'b']"),
+        (
+            "resources: [{name: example.com/token}, {name: example-com/token}]",
+            "example.com/token and example-com/token would both set $EXAMPLE_COM_TOKEN",
+        ),
     ],
 )
 def test_a_bad_config_file_is_refused_with_the_reason(text, message):

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from tests.daemon import created_in, run_to_exit
+from tests.daemon import Daemon, created_in, run_to_exit
 from tests.fake_kubelet import AdmissionError, Mode
 
 RESOURCE = "example.com/token"
@@ -220,6 +220,7 @@ def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
         (["--socket=kubelet.sock"], "kubelet's own socket"),
         (["--plugin_dir=/nonexistent/device-plugins"], "does not exist"),
         (["--no_such_flag"], "Unknown command line flag"),
+        (["--http_port=70000"], "flag --http_port=70000"),
         (["extra-argument"], "unexpected arguments"),
     ],
 )
@@ -234,3 +235,29 @@ def test_version_prints_and_exits():
     result = run_to_exit("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("token-resource ")
+
+
+def test_a_relative_plugin_dir_works(kubelet, daemons):
+    parent, name = os.path.split(kubelet.directory)
+    daemon = Daemon("--plugin_dir=" + name, "--count=2", cwd=parent)
+    try:
+        kubelet.wait_until(registered_with(2))
+    finally:
+        daemon.terminate()
+        daemon.close()
+
+
+def test_only_the_kubelets_stream_ending_means_registering_again(kubelet, daemons):
+    daemons(*plugin_args(kubelet.directory, "--count=2"))
+    kubelet.wait_until(registered_with(2))
+    with grpc.insecure_channel(f"unix://{kubelet.directory}/token-resource.sock") as tool:
+        watcher = api_pb2_grpc.DevicePluginStub(tool).ListAndWatch(api_pb2.Empty())
+        next(watcher)  # a tool watching the device list
+        watcher.cancel()
+        kubelet.admit("pod-a", "c", RESOURCE, 1)  # a round trip after the tool's stream ended
+        assert len(kubelet.register_requests) == 1
+        other = api_pb2_grpc.DevicePluginStub(tool).ListAndWatch(api_pb2.Empty())
+        next(other)  # another stream stays open ...
+        kubelet.cancel_stream(RESOURCE)  # ... while the kubelet's ends
+        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+        other.cancel()

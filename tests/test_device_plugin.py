@@ -17,11 +17,11 @@ class Listener:
     def __init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
 
-    def stream_opened(self, servicer: DevicePluginServicer) -> None:
-        self.events.put("opened")
+    def stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
+        self.events.put(("opened", stream))
 
-    def stream_closed(self, servicer: DevicePluginServicer, remaining: int) -> None:
-        self.events.put(("closed", remaining))
+    def stream_closed(self, servicer: DevicePluginServicer, stream: int) -> None:
+        self.events.put(("closed", stream))
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_list_and_watch_sends_the_snapshot_then_only_changes(served):
     servicer, stub, listener = served
     stream = stub.ListAndWatch(api_pb2.Empty())
     assert ids(next(stream)) == ["item-0", "item-1", "item-2"]
-    assert listener.events.get(timeout=5) == "opened"
+    assert listener.events.get(timeout=5) == ("opened", 0)
     servicer.publish(tokens.snapshot(3))  # unchanged: nothing is sent
     servicer.publish(tokens.snapshot(1))
     assert ids(next(stream)) == ["item-0"]
@@ -72,14 +72,17 @@ def test_every_open_stream_gets_each_change(served):
         stream.cancel()
 
 
-def test_a_cancelled_stream_is_reported_with_the_streams_left(served):
+def test_each_stream_end_is_reported_as_that_stream(served):
     servicer, stub, listener = served
-    first, second = stub.ListAndWatch(api_pb2.Empty()), stub.ListAndWatch(api_pb2.Empty())
-    next(first), next(second)
-    assert [listener.events.get(timeout=5) for _ in range(2)] == ["opened", "opened"]
-    first.cancel()
-    assert listener.events.get(timeout=5) == ("closed", 1)
+    first = stub.ListAndWatch(api_pb2.Empty())
+    next(first)
+    second = stub.ListAndWatch(api_pb2.Empty())
+    next(second)
+    assert [listener.events.get(timeout=5) for _ in range(2)] == [("opened", 0), ("opened", 1)]
+    assert servicer.open_streams == 2
     second.cancel()
+    assert listener.events.get(timeout=5) == ("closed", 1)
+    first.cancel()
     assert listener.events.get(timeout=5) == ("closed", 0)
     assert servicer.open_streams == 0
 
@@ -118,15 +121,6 @@ def test_all_five_methods_answer(served):
             "Allocate",
             api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-3"])]),
             'unknown token ID "item-3"',
-        ),
-        (
-            "GetPreferredAllocation",
-            api_pb2.PreferredAllocationRequest(
-                container_requests=[
-                    api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=["item-0"], allocation_size=2)
-                ]
-            ),
-            "only 1 offered",
         ),
     ],
 )

@@ -3,6 +3,7 @@ real daemon against fake kubelets."""
 
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -265,3 +266,41 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
         kubelet.stop()
     assert get(port, "/nope")[0] == 404
     assert daemon.terminate() == 0
+
+
+def test_a_file_that_is_not_text_is_rejected_and_the_daemon_goes_on(kubelet, daemons, config_path):
+    port = free_port()
+    write(config_path, config_text((TOKEN, 2)))
+    daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
+    kubelet.wait_until(advertises(TOKEN, 2))
+    with open(config_path, "wb") as f:
+        f.write(b"resources:\n  - name: example.com/token\n    count: \xff\xfe\n")
+    assert "configuration reload rejected: cannot" not in wait_for_http(port, "/readyz", 503)
+    assert "not UTF-8 text" in get(port, "/readyz")[1]
+    assert daemon.process.poll() is None and kubelet.allocatable(TOKEN) == 2
+
+
+def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, daemons, config_path):
+    port = free_port()
+    write(config_path, config_text((TOKEN, 2)))
+    daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
+    kubelet.wait_until(advertises(TOKEN, 2))
+    taken = os.path.join(kubelet.directory, "token-resource-example.com_license.sock")
+    with socket.socket(socket.AF_UNIX) as other:  # another process serves on the new socket
+        other.bind(taken)
+        other.listen()
+        write(config_path, config_text((TOKEN, 2), (LICENSE, 1)))
+        body = wait_for_http(port, "/readyz", 503)
+        assert f"{LICENSE}: cannot serve: another process is serving on {taken}" in body
+        assert get(port, "/healthz")[0] == 200  # a restart would not cure it
+        assert daemon.process.poll() is None and advertises(TOKEN, 2)(kubelet)
+        write(config_path, config_text((TOKEN, 2)))  # withdrawn: ready again
+        wait_for_http(port, "/readyz", 200)
+
+
+def test_http_on_an_ipv6_address(kubelet, daemons):
+    port = free_port()
+    daemons(f"--plugin_dir={kubelet.directory}", f"--http_port={port}", "--http_address=::1")
+    kubelet.wait_until(advertises(TOKEN, 1))
+    with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=5) as response:
+        assert response.status == 200

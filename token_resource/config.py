@@ -122,7 +122,7 @@ def parse_config(text: str, plugin_dir: str, node_name: str | None) -> tuple[Plu
         raise ConfigError('expected a mapping with a list under "resources"')
     unknown = set(document) - {"resources"}
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; the only key is resources")
+        raise ConfigError(f"unknown top-level key(s) {_names(unknown)}; the only key is resources")
     if not document["resources"]:
         raise ConfigError("resources is empty; declare at least one resource")
     plugins = [_parse_resource(i, entry, plugin_dir, node_name) for i, entry in enumerate(document["resources"])]
@@ -131,7 +131,18 @@ def parse_config(text: str, plugin_dir: str, node_name: str | None) -> tuple[Plu
         duplicates = sorted({v for v in values if values.count(v) > 1})
         if duplicates:
             raise ConfigError(f"{attribute} {duplicates[0]} is declared more than once")
+    variables: dict[str, str] = {}
+    for plugin in plugins:  # a container holding both would see only one of them
+        other = variables.setdefault(tokens.env_name(plugin.resource), plugin.resource)
+        if other != plugin.resource:
+            raise ConfigError(
+                f"{other} and {plugin.resource} would both set ${tokens.env_name(other)} in containers; rename one"
+            )
     return tuple(plugins)
+
+
+def _names(keys: set[Any]) -> list[str]:
+    return sorted(map(str, keys))
 
 
 def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | None) -> PluginConfig:
@@ -140,7 +151,7 @@ def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | No
         raise ConfigError(f"{where}: expected a mapping with name and count")
     unknown = set(entry) - _RESOURCE_KEYS
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {sorted(_RESOURCE_KEYS)}")
+        raise ConfigError(f"{where}: unknown key(s) {_names(unknown)}; known keys: {_names(_RESOURCE_KEYS)}")
     name = entry.get("name")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name is required, e.g. name: example.com/token")
@@ -151,7 +162,10 @@ def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | No
         nodes = entry.get("nodes") or {}
         if not isinstance(nodes, dict):
             raise ConfigError(f"{where}: nodes must map node names to counts")
-        overrides = {str(node): _count(value, f"{where}: nodes.{node}") for node, value in nodes.items()}
+        for node in nodes:
+            if not isinstance(node, str):  # YAML turns 010, yes or null into numbers, booleans, None
+                raise ConfigError(f"{where}: node name {node!r} is not a string; quote it")
+        overrides = {node: _count(value, f"{where}: nodes.{node}") for node, value in nodes.items()}
         socket = entry.get("socket", default_socket(name))
         if not isinstance(socket, str):
             raise ConfigError(f"{where}: socket must be a file name")

@@ -40,11 +40,11 @@ class DevicePolicy(Protocol):
 
 
 class StreamListener(Protocol):
-    """Told when the kubelet opens or loses a ListAndWatch stream of `servicer`."""
+    """Told when a ListAndWatch stream of `servicer` opens or ends; `stream` numbers them."""
 
-    def stream_opened(self, servicer: "DevicePluginServicer") -> None: ...
+    def stream_opened(self, servicer: "DevicePluginServicer", stream: int) -> None: ...
 
-    def stream_closed(self, servicer: "DevicePluginServicer", remaining: int) -> None: ...
+    def stream_closed(self, servicer: "DevicePluginServicer", stream: int) -> None: ...
 
 
 class _Undecodable:
@@ -146,7 +146,7 @@ class DevicePluginServicer:
             if len(self._streams) > MAX_STREAMS:
                 self._streams.pop(0)  # the oldest ends at its next wake-up
                 self._changed.notify_all()
-        self._listener.stream_opened(self)
+        self._listener.stream_opened(self, stream)
         logging.vlog(1, "ListAndWatch opened")
         try:
             sent = -1
@@ -164,9 +164,8 @@ class DevicePluginServicer:
             with self._changed:
                 if stream in self._streams:
                     self._streams.remove(stream)
-                remaining = len(self._streams)
             if not self._closed:
-                self._listener.stream_closed(self, remaining)
+                self._listener.stream_closed(self, stream)
 
     def _news_for(self, stream: int, context: grpc.ServicerContext, sent: int) -> bool:
         """Whether stream `stream`, which last sent generation `sent`, has something to do."""

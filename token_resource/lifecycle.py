@@ -35,6 +35,9 @@ SERVER_THREADS = 16
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 REGISTER_BACKOFF_FIRST_S = 0.5
 REGISTER_BACKOFF_CAP_S = 10.0
+# A kubelet stream that ends sooner than this after opening counts as a failed registration
+# (back-off grows), so a kubelet that keeps dropping streams is not met with a Register loop.
+STABLE_STREAM_S = 10.0
 
 
 class CannotServeError(Exception):
@@ -52,13 +55,14 @@ class _Signal(enum.Enum):
 class RunnerStatus:
     serving: bool
     registered: bool  # Register succeeded and the kubelet holds a ListAndWatch stream
+    error: str | None = None  # why the plugin cannot serve, once it has given up
 
 
 @dataclasses.dataclass(frozen=True)
 class _StreamEvent:
     signal: _Signal
     servicer: DevicePluginServicer  # events of a server since replaced are stale
-    remaining: int
+    stream: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,15 @@ def _inode(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def _identity(path: str) -> tuple[int, int, int] | None:
+    """Which file `path` is: inode numbers are reused at once, so the change time counts too."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
 class PluginRunner:
     """Serves one DevicePolicy on one socket and keeps it registered with the kubelet."""
 
@@ -96,19 +109,23 @@ class PluginRunner:
         self._failures = 0
         self._list_and_watch_deadline: float | None = None
         self._waiting_logged = False
+        # The kubelet's stream: the first one opened since the latest Register attempt. Only its
+        # end means the kubelet let go; other streams (an older kubelet's, a tool's) do not.
+        self._kubelet_stream: tuple[DevicePluginServicer, int] | None = None
+        self._kubelet_stream_opened = 0.0
         self._stream_since_attempt = False
-        self._attempted_kubelet: tuple[int, int] | None = None  # kubelet.sock of the last attempt
+        self._attempted_kubelet: tuple[int, int, int] | None = None  # kubelet.sock of the last attempt
 
     # Thread-safe entry points -------------------------------------------------------------
 
     def stop(self) -> None:
         self._events.put(_Signal.STOP)
 
-    def stream_opened(self, servicer: DevicePluginServicer) -> None:
-        self._events.put(_StreamEvent(_Signal.STREAM_OPENED, servicer, remaining=1))
+    def stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
+        self._events.put(_StreamEvent(_Signal.STREAM_OPENED, servicer, stream))
 
-    def stream_closed(self, servicer: DevicePluginServicer, remaining: int) -> None:
-        self._events.put(_StreamEvent(_Signal.STREAM_CLOSED, servicer, remaining))
+    def stream_closed(self, servicer: DevicePluginServicer, stream: int) -> None:
+        self._events.put(_StreamEvent(_Signal.STREAM_CLOSED, servicer, stream))
 
     def devices_changed(self) -> None:
         """The policy's device list changed: send it to the kubelet."""
@@ -186,9 +203,9 @@ class PluginRunner:
         if event is kubelet.DirectoryEvent.KUBELET_SOCKET_CREATED:
             # Level-triggered: an attempt already made to this very kubelet.sock stands, so a
             # restart seen both as a closed stream and as a new socket registers only once.
-            if _inode(self.config.kubelet_socket_path) != self._attempted_kubelet:
+            if _identity(self.config.kubelet_socket_path) != self._attempted_kubelet:
                 logging.info("%s: kubelet.sock created (kubelet restart); registering again", self.config.resource)
-                self._reregister_now()
+                self._reregister(back_off=False)
         elif event is kubelet.DirectoryEvent.DIRECTORY_REMOVED:
             raise CannotServeError(f"the device-plugin directory {self.config.plugin_dir} was removed")
         elif event is _Signal.DEVICES_CHANGED:
@@ -197,13 +214,21 @@ class PluginRunner:
             if self._server is not None:
                 self._server.servicer.publish(snapshot)
         elif isinstance(event, _StreamEvent) and self._server is not None and event.servicer is self._server.servicer:
-            if event.signal is _Signal.STREAM_OPENED:
+            stream = (event.servicer, event.stream)
+            if event.signal is _Signal.STREAM_OPENED and not self._stream_since_attempt:
                 self._list_and_watch_deadline = None
                 self._stream_since_attempt = True
+                self._kubelet_stream, self._kubelet_stream_opened = stream, time.monotonic()
                 logging.info("%s: kubelet opened ListAndWatch", self.config.resource)
-            elif event.remaining == 0:
-                logging.info("%s: ListAndWatch stream ended (kubelet gone); registering again", self.config.resource)
-                self._reregister_now()
+            elif event.signal is _Signal.STREAM_CLOSED and stream == self._kubelet_stream:
+                self._kubelet_stream = None
+                lived = time.monotonic() - self._kubelet_stream_opened
+                logging.info(
+                    "%s: the kubelet's ListAndWatch stream ended after %.1f s; registering again",
+                    self.config.resource,
+                    lived,
+                )
+                self._reregister(back_off=lived < STABLE_STREAM_S)
         elif isinstance(event, _RegisterDone) and event.future is self._pending:
             self._pending = None
             self._registration_finished(event.future)
@@ -211,13 +236,18 @@ class PluginRunner:
 
     # Registration ---------------------------------------------------------------------------
 
-    def _reregister_now(self) -> None:
+    def _reregister(self, back_off: bool) -> None:
+        """Registers again: at once, or after the next back-off step when the previous
+        registration did not hold."""
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
         self._list_and_watch_deadline = None
         self._want_register = True
-        self._restart_backoff()
+        if back_off:
+            self._back_off()
+        else:
+            self._restart_backoff()
 
     def _restart_backoff(self) -> None:
         self._failures = 0
@@ -231,7 +261,7 @@ class PluginRunner:
             self._back_off()  # the CREATE event normally comes first; this covers a missed one
             return
         self._waiting_logged = False
-        self._attempted_kubelet = _inode(self.config.kubelet_socket_path)
+        self._attempted_kubelet = _identity(self.config.kubelet_socket_path)
         future = kubelet.register(
             self.config.kubelet_socket_path,
             self.config.socket,
@@ -258,8 +288,7 @@ class PluginRunner:
             )
             return
         metrics.REGISTRATIONS.labels(self.config.resource).inc()
-        self._want_register = False
-        self._failures = 0
+        self._want_register = False  # the back-off resets only once the kubelet's stream holds
         if not self._stream_since_attempt:  # E2 kubelets often open it before Register returns
             self._list_and_watch_deadline = time.monotonic() + self._list_and_watch_timeout_s
         logging.info(

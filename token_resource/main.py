@@ -35,7 +35,13 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "node_name", os.environ.get("NODE_NAME"), "This node's name, for per-node counts (default: $NODE_NAME)."
 )
-flags.DEFINE_integer("http_port", None, "Serve /healthz, /readyz and /metrics on this port (default: off).")
+flags.DEFINE_integer(
+    "http_port",
+    None,
+    "Serve /healthz, /readyz and /metrics on this port (default: off).",
+    lower_bound=0,
+    upper_bound=65535,
+)
 flags.DEFINE_string(
     "http_address", os.environ.get("POD_IP", "127.0.0.1"), "Address for --http_port (default: $POD_IP, else 127.0.0.1)."
 )
@@ -69,14 +75,17 @@ flags.register_validator("socket", _validator(config.check_socket_name))
 
 def _plugins() -> tuple[tuple[config.PluginConfig, ...], ConfigFile | None, str]:
     """What to serve: from --config, or the single resource the flags describe."""
+    # Absolute, because the gRPC target unix://<path> would read a relative path's first
+    # component as an authority.
+    plugin_dir = os.path.abspath(FLAGS.plugin_dir)
     if FLAGS.config is None:
-        plugin = config.PluginConfig(FLAGS.resource, FLAGS.count, FLAGS.socket, FLAGS.plugin_dir)
+        plugin = config.PluginConfig(FLAGS.resource, FLAGS.count, FLAGS.socket, plugin_dir)
         config.check_plugin(plugin)
         return (plugin,), None, ""
     given = [f"--{name}" for name in ("count", "resource", "socket") if FLAGS[name].present]
     if given:
         raise config.ConfigError(f"--config declares the resources; drop {', '.join(given)}")
-    source = ConfigFile(FLAGS.config, FLAGS.plugin_dir, FLAGS.node_name)
+    source = ConfigFile(FLAGS.config, plugin_dir, FLAGS.node_name)
     try:
         text, plugins = source.load()
     except config.ConfigError as error:
@@ -115,7 +124,6 @@ def main(argv: list[str]) -> int:
 
 
 def _fail(reason: str) -> int:
-    logging.error("%s", reason)
     print(f"token-resource: {reason}", file=sys.stderr)
     return 1
 

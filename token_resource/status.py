@@ -7,6 +7,8 @@ or 503 with one line per problem.
 """
 
 import http.server
+import ipaddress
+import socket
 import threading
 from collections.abc import Callable
 
@@ -38,7 +40,7 @@ class StatusServer:
 
         self._statuses = statuses
         self._reload_error = reload_error
-        self._httpd = http.server.ThreadingHTTPServer((address, port), Handler)
+        self._httpd = _server_for(address)((address, port), Handler)
         self._httpd.daemon_threads = True
         self.address = self._httpd.server_address
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
@@ -51,11 +53,15 @@ class StatusServer:
         self._thread.join()
 
     def health_problems(self) -> list[str]:
-        return [f"{name}: not serving" for name, s in sorted(self._statuses().items()) if not s.serving]
+        # A plugin that gave up (its socket is taken, say) is a readiness problem: restarting
+        # the process would not cure it.
+        return [
+            f"{name}: not serving" for name, s in sorted(self._statuses().items()) if not s.serving and s.error is None
+        ]
 
     def readiness_problems(self) -> list[str]:
         problems = [
-            f"{name}: not registered with the kubelet"
+            f"{name}: cannot serve: {s.error}" if s.error else f"{name}: not registered with the kubelet"
             for name, s in sorted(self._statuses().items())
             if not s.registered
         ]
@@ -85,3 +91,18 @@ class StatusServer:
         request.send_header("Content-Length", str(len(body)))
         request.end_headers()
         request.wfile.write(body)
+
+
+def _server_for(address: str) -> type[http.server.ThreadingHTTPServer]:
+    """The HTTP server class for an IPv4 or IPv6 address ($POD_IP may be either)."""
+    try:
+        version = ipaddress.ip_address(address).version
+    except ValueError:  # a host name: IPv4, as http.server does
+        version = 4
+    if version == 4:
+        return http.server.ThreadingHTTPServer
+
+    class IPv6Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    return IPv6Server

@@ -3,6 +3,8 @@ reconfiguration from the configuration file (on change or SIGHUP).
 
 A reload is all or nothing: a file that does not parse or validate leaves the configuration in
 force untouched, is logged once, and shows in /readyz and the metrics until a good one comes.
+A resource that cannot serve (its socket is taken, say) is reported the same way while the
+others go on; the daemon exits only when none of its resources can serve.
 """
 
 import dataclasses
@@ -39,12 +41,15 @@ class ConfigFile:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
         except OSError as error:
-            raise ConfigError(f"cannot read {self.path}: {error.strerror}") from None
+            raise ConfigError(f"cannot read it: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"not UTF-8 text (byte {error.start})") from None
         return text, config.parse_config(text, self.plugin_dir, self.node_name)
 
 
 _STOP = "stop"
 _RELOAD = "reload"
+_PLUGIN_FAILED = "a plugin cannot serve"
 
 
 class Supervisor:
@@ -64,7 +69,7 @@ class Supervisor:
         self._events: queue.Queue = queue.Queue()
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
-        self._failure: CannotServeError | None = None
+        self._failures: dict[str, str] = {}  # resource -> why it cannot serve
         self.generation = 1
         self.reload_error: str | None = None
 
@@ -75,7 +80,7 @@ class Supervisor:
         self._events.put(_RELOAD)
 
     def run(self) -> None:
-        """Serves until stop(); raises CannotServeError if a plugin cannot serve."""
+        """Serves until stop(); raises CannotServeError when no resource can serve."""
         metrics.CONFIG_GENERATION.set(self.generation)
         metrics.CONFIG_LAST_RELOAD_OK.set(1)
         config_watch = self._watch_config()
@@ -83,22 +88,28 @@ class Supervisor:
             self._apply(self._initial)
             while True:
                 event = self._events.get()
-                if event == _STOP or self._failure is not None:
-                    break
+                if event == _STOP:
+                    return
                 if event == _RELOAD:
                     self._reload()
+                with self._lock:
+                    if self._failures and len(self._failures) == len(self._running):
+                        raise CannotServeError("; ".join(self._failures.values()))
         finally:
             if config_watch is not None:
                 config_watch.close()
             self._apply(())
-        if self._failure is not None:
-            raise self._failure
 
     def statuses(self) -> dict[str, RunnerStatus]:
         with self._lock:
             running = dict(self._running)
-        stopped = RunnerStatus(serving=False, registered=False)
-        return {name: r.runner.status() if r.thread.is_alive() else stopped for name, r in running.items()}
+            failures = dict(self._failures)
+        return {
+            name: RunnerStatus(serving=False, registered=False, error=failures[name])
+            if name in failures
+            else r.runner.status()
+            for name, r in running.items()
+        }
 
     # Configuration ---------------------------------------------------------------------------
 
@@ -108,12 +119,15 @@ class Supervisor:
         # A mounted ConfigMap changes by swapping the ..data symlink (MOVED_TO in the directory);
         # an edited file is closed after writing. Either way the content decides.
         directory = os.path.dirname(os.path.abspath(self._source.path))
-        return watch.DirectoryEvents(
-            directory,
-            watch.flags.CLOSE_WRITE | watch.flags.MOVED_TO,
-            lambda name, mask: self._events.put(_RELOAD),
-            name="config-watch",
-        )
+        try:
+            return watch.DirectoryEvents(
+                directory,
+                watch.flags.CLOSE_WRITE | watch.flags.MOVED_TO,
+                lambda name, mask: self._events.put(_RELOAD),
+                name="config-watch",
+            )
+        except OSError as error:  # e.g. the node's inotify instance limit, shared by all its pods
+            raise CannotServeError(f"cannot watch {directory} for configuration changes: {error.strerror}") from None
 
     def _reload(self) -> None:
         if self._source is None:
@@ -123,6 +137,9 @@ class Supervisor:
             text, plugins = self._source.load()
         except ConfigError as error:
             self._reject(str(error))
+            return
+        except Exception as error:  # a parser surprise must not take the running config down
+            self._reject(f"unexpected {type(error).__name__}: {error}")
             return
         if text == self._text_in_force:
             if self.reload_error is not None:
@@ -182,6 +199,7 @@ class Supervisor:
     def _withdraw(self, name: str) -> None:
         with self._lock:
             running = self._running.pop(name)
+            self._failures.pop(name, None)
         running.runner.stop()
         running.thread.join()
         metrics.forget(name)
@@ -190,8 +208,10 @@ class Supervisor:
         try:
             runner.run()
         except CannotServeError as error:
-            self._failure = error
-            self._events.put(_STOP)
+            logging.error("%s: cannot serve: %s", runner.config.resource, error)
+            with self._lock:
+                self._failures[runner.config.resource] = str(error)
+            self._events.put(_PLUGIN_FAILED)
 
 
 def _summary(plugins: tuple[PluginConfig, ...]) -> str:

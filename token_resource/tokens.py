@@ -115,8 +115,7 @@ class TokenPolicy:
 
     def _check_ids(self, ids: Collection[str], what: str) -> None:
         for token in ids:
-            index = token_index(token)
-            if index is None or index >= self.count:
+            if not self._has(token):
                 raise AllocationError(
                     f"{what}: unknown token ID {_quote(token)} for {self.resource}: this node has "
                     f"{token_id(0)} to {token_id(self.count - 1)}"
@@ -140,17 +139,16 @@ class TokenPolicy:
         )
 
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
-        """Packs: the must-include tokens, then the lowest-numbered available ones."""
-        self._check_ids(available, "GetPreferredAllocation")
-        self._check_ids(must_include, "GetPreferredAllocation")
-        chosen = list(dict.fromkeys(must_include))
-        if size < len(chosen):
-            raise AllocationError(
-                f"GetPreferredAllocation: allocation size {size} is smaller than the {len(chosen)} must-include tokens"
-            )
-        rest = sorted(set(available) - set(chosen), key=_order)
-        if len(chosen) + len(rest) < size:
-            raise AllocationError(
-                f"GetPreferredAllocation: {size} tokens requested but only {len(chosen) + len(rest)} offered"
-            )
-        return chosen + rest[: size - len(chosen)]
+        """Packs: the must-include tokens, then the lowest-numbered available ones, `size` in all.
+
+        The answer is advice the kubelet intersects with its own free set, while a refusal
+        would fail the pod's admission. So IDs this node does not have (a count just lowered,
+        say) are skipped, and an impossible size gets as close as the offer allows.
+        """
+        chosen = [token for token in dict.fromkeys(must_include) if self._has(token)]
+        rest = sorted({token for token in available if self._has(token)} - set(chosen), key=_order)
+        return chosen + rest[: max(0, size - len(chosen))]
+
+    def _has(self, token: str) -> bool:
+        index = token_index(token)
+        return index is not None and index < self.count
