@@ -1,8 +1,9 @@
 """debian_packages: the .debs pinned in a lock file, one filegroup per architecture.
 
 The lock (written by `tools/bazel run //third_party/debian:lock`) lists, per architecture,
-each package's name, version, URL and sha256. This rule downloads them (Bazel checks every
-hash and keeps the files in its repository cache) and exposes:
+each package's name, version, URLs and sha256. This rule downloads them (Bazel tries the
+deb.debian.org URL, then the snapshot.debian.org one that outlives a superseded version; it
+checks every hash and keeps the files in its repository cache) and exposes:
 
     @<name>//:amd64, @<name>//:arm64     all .debs of that architecture, sorted by name
     @<name>//<arch>:<package>            one .deb
@@ -17,7 +18,7 @@ def _debian_packages_impl(rctx):
         for pkg in packages:
             filename = "%s_%s_%s.deb" % (pkg["name"], pkg["version"].replace(":", "%3a"), pkg["arch"])
             rctx.download(
-                url = [pkg["url"]] + rctx.attr.mirrors.get(pkg["url"], []),
+                url = [pkg["url"], pkg["snapshot_url"]],
                 output = "%s/%s" % (arch, filename),
                 sha256 = pkg["sha256"],
             )
@@ -31,6 +32,5 @@ debian_packages = repository_rule(
     implementation = _debian_packages_impl,
     attrs = {
         "lock": attr.label(mandatory = True, allow_single_file = True),
-        "mirrors": attr.string_list_dict(doc = "Extra URLs to try for a locked URL."),
     },
 )

@@ -4,12 +4,15 @@ sees files no target lists; tagged external so Bazel never serves it from the ca
 
 import glob
 import os
+import platform
 import subprocess
 
 import pytest
 
 WORKSPACE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 RUNFILES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The buildifier release binary for this machine (both are in the test's data).
+BUILDIFIER = {"x86_64": "linux_amd64", "aarch64": "linux_arm64", "arm64": "linux_arm64"}[platform.machine()]
 
 
 def tool(pattern: str) -> str:
@@ -40,7 +43,7 @@ def test_bazel_files_are_buildifier_clean():
     files = source_files("BUILD.bazel", "*.bzl", "WORKSPACE")
     # Bazel 4 predates rules_python and rules_shell: the native rules are the ones to use.
     run(
-        tool("buildifier/buildifier-linux_amd64"),
+        tool(f"buildifier/buildifier-{BUILDIFIER}"),
         "-mode=check",
         "-lint=warn",
         "-warnings=-native-py,-native-sh-binary",

@@ -35,8 +35,10 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  sudo=()
+  [[ "$(id -u)" == 0 ]] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 cleanup() {

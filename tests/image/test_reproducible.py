@@ -15,14 +15,8 @@ import sys
 
 from tests.image import imagefs
 
-LAYERS = [
-    "runtime_layer_amd64",
-    "runtime_layer_arm64",
-    "etc_layer",
-    "site_layer_amd64",
-    "site_layer_arm64",
-    "app_layer",
-]
+# The layers in the test's data: the BUILD rule's LAYERS.
+LAYERS = os.environ["LAYERS"].split()
 # As in //:BUILD.bazel: image -> (base, layers).
 IMAGES = {
     "python_base_amd64": (None, ["runtime_layer_amd64", "etc_layer"]),

@@ -19,8 +19,13 @@ from tests.image import imagefs
 
 RESOURCE = "example.com/token"
 SOCKET = "token-resource.sock"
+# runc, the runtime tools/bazel installs: podman would otherwise pick crun where that is installed.
 PODMAN = ["podman", "--runtime", "runc"]
-# This host's podman needs explicit ulimits (see DEVELOPERS.md).
+# Explicit ulimits: podman gives a root container limits above the host's hard ones, and a host
+# without CAP_SYS_RESOURCE (such as a container) cannot raise those, so runc fails to start the
+# container; these fit under the hard limits the test hosts grant. --network none: a hardened
+# DaemonSet needs no network (the plugin talks to the kubelet over unix sockets only), and the
+# test then needs no netavark/iptables on the host.
 RUN_FLAGS = ["--ulimit", "nofile=1024:20000", "--ulimit", "nproc=4096:4096", "--network", "none"]
 
 

@@ -7,10 +7,14 @@ takes the highest version of each package across the suites, and follows Depends
 Pre-Depends from the [packages] of packages.ini. A dependency that is neither in [packages]
 nor in [excluded] is an error, so every package of the image is explained in packages.ini.
 The lock pins, per architecture, each package's version, .deb URL, size and sha256; the
-`debian_packages` repository rule (//bazel:debian.bzl) downloads exactly those.
+`debian_packages` repository rule (//bazel:debian.bzl) downloads exactly those. Each package
+also gets a snapshot.debian.org URL of its archive as of its suite's InRelease Date: the pool
+of the security and updates suites drops a version once it is superseded, snapshot keeps it.
 """
 
 import configparser
+import datetime
+import email.utils
 import hashlib
 import json
 import lzma
@@ -100,8 +104,17 @@ def signed_release(base: str, suite: str, keyring: str) -> str:
     return text.split("\n\n", 1)[1].split("-----BEGIN PGP SIGNATURE-----")[0]
 
 
+def snapshot_base(base: str, release: str) -> str:
+    """The snapshot.debian.org URL of the archive at `base` in the state its InRelease describes."""
+    date = email.utils.parsedate_to_datetime(re.search(r"^Date: (.*)$", release, re.M).group(1))
+    date = date.astimezone(datetime.UTC)
+    archive = base.rstrip("/").rsplit("/", 1)[1]
+    return f"https://snapshot.debian.org/archive/{archive}/{date.strftime('%Y%m%dT%H%M%SZ')}"
+
+
 def packages_index(base: str, suite: str, component: str, arch: str, keyring: str) -> list[dict]:
     release = signed_release(base, suite, keyring)
+    snapshot = snapshot_base(base, release)
     path = f"{component}/binary-{arch}/Packages.xz"
     sha256 = re.search(r"^SHA256:\n((?: .*\n)+)", release, re.M).group(1)
     digest = next((line.split()[0] for line in sha256.splitlines() if line.split()[2] == path), None)
@@ -120,6 +133,7 @@ def packages_index(base: str, suite: str, component: str, arch: str, keyring: st
                     fields[key] = value.strip()
         if "Package" in fields:
             fields["url"] = f"{base}/{fields['Filename']}"
+            fields["snapshot_url"] = f"{snapshot}/{fields['Filename']}"
             fields["suite"] = suite
             packages.append(fields)
     return packages
@@ -210,6 +224,7 @@ def main() -> None:
                 "arch": pkg["Architecture"],
                 "suite": pkg["suite"],
                 "url": pkg["url"],
+                "snapshot_url": pkg["snapshot_url"],
                 "sha256": pkg["SHA256"],
                 "size": int(pkg["Size"]),
             }
