@@ -90,6 +90,22 @@ class Allocation:
     response: api_pb2.ContainerAllocateResponse
 
 
+def advertising(resource: str, count: int, registrations: int | None = None) -> Callable[["FakeKubelet"], bool]:
+    """A wait_until predicate: `resource` connected with `count` healthy devices and, if given,
+    exactly `registrations` Register calls and ListAndWatch streams so far."""
+
+    def predicate(kubelet: "FakeKubelet") -> bool:
+        state = kubelet.resources.get(resource)
+        return (
+            state is not None
+            and state.connected
+            and state.allocatable == count
+            and (registrations is None or len(kubelet.register_requests) == state.streams_opened == registrations)
+        )
+
+    return predicate
+
+
 class FakeKubelet:
     """Serves Registration on <directory>/kubelet.sock and drives registered plugins."""
 

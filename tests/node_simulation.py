@@ -19,7 +19,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep gRPC's own connection c
 from absl import app, flags
 
 from tests.daemon import Daemon, short_tempdir
-from tests.fake_kubelet import FakeKubelet, Mode
+from tests.fake_kubelet import FakeKubelet, Mode, advertising
 
 RESOURCE = "example.com/token"
 
@@ -42,12 +42,6 @@ class Placement:
     detail: str
 
 
-def registered(count: int):
-    return lambda k: (
-        RESOURCE in k.resources and k.resources[RESOURCE].connected and k.resources[RESOURCE].allocatable == count
-    )
-
-
 def start_nodes(nodes: int, count: int) -> list[Node]:
     started = []
     for index in range(nodes):
@@ -57,7 +51,7 @@ def start_nodes(nodes: int, count: int) -> list[Node]:
         daemon = Daemon(f"--plugin_dir={directory}", f"--count={count}", f"--resource={RESOURCE}")
         started.append(Node(f"node-{index}", kubelet, daemon))
     for node in started:
-        node.kubelet.wait_until(registered(count))
+        node.kubelet.wait_until(advertising(RESOURCE, count))
     return started
 
 
@@ -90,7 +84,7 @@ def restart_kubelet(node: Node, count: int) -> float:
     """Restarts a node's kubelet; returns seconds until the plugin's tokens are back."""
     started = time.monotonic()
     node.kubelet.restart()
-    node.kubelet.wait_until(registered(count))
+    node.kubelet.wait_until(advertising(RESOURCE, count))
     return time.monotonic() - started
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import Daemon, created_in, run_to_exit
-from tests.fake_kubelet import AdmissionError, Mode
+from tests.fake_kubelet import AdmissionError, Mode, advertising
 
 RESOURCE = "example.com/token"
 
@@ -19,17 +19,11 @@ def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
     return [f"--plugin_dir={plugin_dir}", *extra]
 
 
-def registered_with(count: int, resource: str = RESOURCE):
-    return lambda k: (
-        resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
-    )
-
-
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
 def test_registers_and_advertises_its_tokens(plugin_dir, kubelets, daemons, mode):
     kubelet = kubelets(mode)
     daemons(*plugin_args(plugin_dir, "--count=3"))
-    kubelet.wait_until(registered_with(3))
+    kubelet.wait_until(advertising(RESOURCE, 3))
     request = kubelet.register_requests[0]
     assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", "token-resource.sock", RESOURCE)
     assert request.options.get_preferred_allocation_available
@@ -39,7 +33,7 @@ def test_registers_and_advertises_its_tokens(plugin_dir, kubelets, daemons, mode
 
 def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
     daemon = daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     kubelet.admit("pod-a", "c", RESOURCE, 1)  # traffic on the same connection
     assert len(kubelet.resources[RESOURCE].snapshots) == 1
     assert daemon.process.poll() is None
@@ -47,7 +41,7 @@ def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
 
 def test_allocate_preferred_and_prestart_answer(kubelet, daemons):
     daemons(*plugin_args(kubelet.directory, "--count=3"))
-    kubelet.wait_until(registered_with(3))
+    kubelet.wait_until(advertising(RESOURCE, 3))
     first = kubelet.admit("pod-a", "app", RESOURCE, 2)
     assert first.ids == ("item-0", "item-1")  # packed: lowest IDs first
     assert dict(first.response.envs) == {"EXAMPLE_COM_TOKEN": "item-0,item-1"}
@@ -68,7 +62,7 @@ def test_allocate_preferred_and_prestart_answer(kubelet, daemons):
 
 def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
     daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[RESOURCE].channel)
     with pytest.raises(grpc.RpcError) as raised:
         stub.Allocate(
@@ -95,12 +89,12 @@ def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
 
 def test_reregisters_after_kubelet_restart(kubelet, daemons):
     daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     foreign = os.path.join(kubelet.directory, "kubelet_internal_checkpoint")
     with open(foreign, "w") as f:
         f.write("{}")
     kubelet.restart()  # deletes the plugin's socket, re-creates kubelet.sock
-    kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+    kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertising(RESOURCE, 2)(k))
     assert kubelet.resources[RESOURCE].snapshots[-1] == kubelet.resources[RESOURCE].snapshots[0]  # same IDs
     assert sorted(os.listdir(kubelet.directory)) == [
         "kubelet.sock",
@@ -114,9 +108,9 @@ def test_reregisters_after_kubelet_restart(kubelet, daemons):
 def test_reregisters_when_the_stream_is_cancelled(plugin_dir, kubelets, daemons, mode):
     kubelet = kubelets(mode)
     daemons(*plugin_args(plugin_dir, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     kubelet.cancel_stream(RESOURCE)
-    kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+    kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertising(RESOURCE, 2)(k))
     assert kubelet.resources[RESOURCE].streams_opened == 2
 
 
@@ -124,7 +118,7 @@ def test_waits_for_an_absent_kubelet(plugin_dir, kubelets, daemons):
     with created_in(plugin_dir, "token-resource.sock"):  # serving, with no kubelet.sock anywhere
         daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
     kubelet = kubelets(Mode.E2)
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     assert daemon.process.poll() is None
 
 
@@ -135,7 +129,7 @@ def test_reregisters_when_list_and_watch_never_comes(plugin_dir, kubelets, daemo
     kubelet.wait_until(lambda k: len(k.register_requests) >= 2)
     assert "did not call ListAndWatch" in daemon.log()
     dial.set()
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
 
 
 def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet, daemons):
@@ -149,12 +143,12 @@ def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet, daemons
     first, second, third = kubelet.register_times[:3]
     assert second - first >= 0.25 and third - second >= 0.5  # back-off with jitter, no hot loop
     kubelet.supported_versions = ["v1beta1"]
-    kubelet.wait_until(registered_with(1), timeout=15)
+    kubelet.wait_until(advertising(RESOURCE, 1), timeout=15)
 
 
 def test_sigterm_removes_only_its_own_socket_and_exits_0(kubelet, daemons):
     daemon = daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     foreign = os.path.join(kubelet.directory, "other-plugin.sock")
     with socket.socket(socket.AF_UNIX) as other:
         other.bind(foreign)
@@ -171,12 +165,12 @@ def test_a_stale_socket_does_not_block_start(kubelet, daemons):
     with socket.socket(socket.AF_UNIX) as crashed:
         crashed.bind(stale)  # bound but not listening: what a killed process leaves
     daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
 
 
 def test_a_second_instance_on_the_same_socket_refuses_to_start(kubelet, daemons):
     first = daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     second = daemons(*plugin_args(kubelet.directory, "--count=2"))
     assert second.wait() == 1
     assert "another process is serving on" in second.log()
@@ -196,7 +190,7 @@ def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
         RESOURCE,
         f"-plugin_dir={kubelet.directory}",
     )
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     assert kubelet.register_requests[0].endpoint == "token-resource"
     assert daemon.terminate() == 0
 
@@ -241,7 +235,7 @@ def test_a_relative_plugin_dir_works(kubelet, daemons):
     parent, name = os.path.split(kubelet.directory)
     daemon = Daemon("--plugin_dir=" + name, "--count=2", cwd=parent)
     try:
-        kubelet.wait_until(registered_with(2))
+        kubelet.wait_until(advertising(RESOURCE, 2))
     finally:
         daemon.terminate()
         daemon.close()
@@ -249,7 +243,7 @@ def test_a_relative_plugin_dir_works(kubelet, daemons):
 
 def test_only_the_kubelets_stream_ending_means_registering_again(kubelet, daemons):
     daemons(*plugin_args(kubelet.directory, "--count=2"))
-    kubelet.wait_until(registered_with(2))
+    kubelet.wait_until(advertising(RESOURCE, 2))
     with grpc.insecure_channel(f"unix://{kubelet.directory}/token-resource.sock") as tool:
         watcher = api_pb2_grpc.DevicePluginStub(tool).ListAndWatch(api_pb2.Empty())
         next(watcher)  # a tool watching the device list
@@ -259,5 +253,5 @@ def test_only_the_kubelets_stream_ending_means_registering_again(kubelet, daemon
         other = api_pb2_grpc.DevicePluginStub(tool).ListAndWatch(api_pb2.Empty())
         next(other)  # another stream stays open ...
         kubelet.cancel_stream(RESOURCE)  # ... while the kubelet's ends
-        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and registered_with(2)(k))
+        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertising(RESOURCE, 2)(k))
         other.cancel()

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon import free_port
-from tests.fake_kubelet import AdmissionError
+from tests.fake_kubelet import AdmissionError, advertising
 
 TOKEN = "example.com/token"
 LICENSE = "example.com/license"
@@ -35,12 +35,6 @@ def ids(kubelet, resource: str) -> list[str]:
     return [d.ID for d in kubelet.resources[resource].snapshots[-1].devices]
 
 
-def advertises(resource: str, count: int):
-    return lambda k: (
-        resource in k.resources and k.resources[resource].connected and k.resources[resource].allocatable == count
-    )
-
-
 def get(port: int, path: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
@@ -49,18 +43,19 @@ def get(port: int, path: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def wait_for_http(port: int, path: str, code: int, timeout: float = 10.0) -> str:
-    """Polls the endpoint until it answers `code` (an HTTP probe is itself a poll)."""
+def wait_for_http(port: int, path: str, code: int, saying: str = "", timeout: float = 10.0) -> str:
+    """Polls the endpoint until it answers `code` with `saying` in the body (an HTTP probe is
+    itself a poll)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             status, body = get(port, path)
         except OSError:
             status, body = 0, "no answer"
-        if status == code:
+        if status == code and saying in body:
             return body
         if time.monotonic() > deadline:
-            raise AssertionError(f"{path} answered {status} {body!r}, expected {code}")
+            raise AssertionError(f"{path} answered {status} {body!r}, expected {code} saying {saying!r}")
         time.sleep(0.05)
 
 
@@ -88,7 +83,7 @@ def start(daemons, kubelet, config_path, *extra):
 def test_two_resources_from_one_config_each_with_its_own_socket(kubelet, daemons, config_path):
     write(config_path, config_text((TOKEN, 2), (LICENSE, 3)))
     start(daemons, kubelet, config_path)
-    kubelet.wait_until(lambda k: advertises(TOKEN, 2)(k) and advertises(LICENSE, 3)(k))
+    kubelet.wait_until(lambda k: advertising(TOKEN, 2)(k) and advertising(LICENSE, 3)(k))
     assert {r.resource_name: r.endpoint for r in kubelet.register_requests} == {
         TOKEN: "token-resource-example.com_token.sock",
         LICENSE: "token-resource-example.com_license.sock",
@@ -101,7 +96,7 @@ def test_two_resources_from_one_config_each_with_its_own_socket(kubelet, daemons
 def test_per_node_count_applies_to_the_named_node_only(kubelet, daemons, config_path, node, count):
     write(config_path, config_text((TOKEN, 2)) + "    nodes: {worker-1: 5}\n")
     start(daemons, kubelet, config_path, f"--node_name={node}")
-    kubelet.wait_until(advertises(TOKEN, count))
+    kubelet.wait_until(advertising(TOKEN, count))
 
 
 def test_node_name_comes_from_the_environment(kubelet, config_path, plugin_dir):
@@ -114,7 +109,7 @@ def test_node_name_comes_from_the_environment(kubelet, config_path, plugin_dir):
     finally:
         del os.environ["NODE_NAME"]
     try:
-        kubelet.wait_until(advertises(TOKEN, 4))
+        kubelet.wait_until(advertising(TOKEN, 4))
     finally:
         daemon.terminate()
         daemon.close()
@@ -123,9 +118,9 @@ def test_node_name_comes_from_the_environment(kubelet, config_path, plugin_dir):
 def test_an_edited_file_sends_a_new_snapshot_keeping_ids(kubelet, daemons, config_path):
     write(config_path, config_text((TOKEN, 2)))
     start(daemons, kubelet, config_path)
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     write(config_path, config_text((TOKEN, 4)))
-    kubelet.wait_until(advertises(TOKEN, 4), timeout=2)
+    kubelet.wait_until(advertising(TOKEN, 4), timeout=2)
     assert ids(kubelet, TOKEN) == ["item-0", "item-1", "item-2", "item-3"]
     assert len(kubelet.register_requests) == 1  # same stream, no re-registration
 
@@ -139,33 +134,33 @@ def test_a_configmap_style_symlink_swap_is_picked_up(kubelet, daemons, plugin_di
     os.symlink("..2026_01", os.path.join(mount, "..data"))
     os.symlink("..data/config.yaml", os.path.join(mount, "config.yaml"))
     daemons(f"--plugin_dir={kubelet.directory}", f"--config={mount}/config.yaml")
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     os.makedirs(os.path.join(mount, "..2026_02"))
     write(os.path.join(mount, "..2026_02", "config.yaml"), config_text((TOKEN, 3)))
     os.symlink("..2026_02", os.path.join(mount, "..data_tmp"))
     os.rename(os.path.join(mount, "..data_tmp"), os.path.join(mount, "..data"))
-    kubelet.wait_until(advertises(TOKEN, 3), timeout=2)
+    kubelet.wait_until(advertising(TOKEN, 3), timeout=2)
 
 
 def test_resources_added_and_removed_at_run_time(kubelet, daemons, config_path):
     write(config_path, config_text((TOKEN, 2)))
     start(daemons, kubelet, config_path)
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     write(config_path, config_text((TOKEN, 2), (LICENSE, 1)))
-    kubelet.wait_until(advertises(LICENSE, 1))
+    kubelet.wait_until(advertising(LICENSE, 1))
     write(config_path, config_text((LICENSE, 1)))
     kubelet.wait_until(lambda k: not k.resources[TOKEN].connected)
     assert not os.path.exists(os.path.join(kubelet.directory, "token-resource-example.com_token.sock"))
-    assert kubelet.allocatable(TOKEN) == 0 and advertises(LICENSE, 1)(kubelet)
+    assert kubelet.allocatable(TOKEN) == 0 and advertising(LICENSE, 1)(kubelet)
 
 
 def test_a_decreased_count_drops_the_highest_ids_and_running_pods_keep_theirs(kubelet, daemons, config_path):
     write(config_path, config_text((TOKEN, 3)))
     start(daemons, kubelet, config_path)
-    kubelet.wait_until(advertises(TOKEN, 3))
+    kubelet.wait_until(advertising(TOKEN, 3))
     assert [kubelet.admit(f"pod-{i}", "c", TOKEN, 1).ids for i in range(2)] == [("item-0",), ("item-1",)]
     write(config_path, config_text((TOKEN, 1)))
-    kubelet.wait_until(advertises(TOKEN, 1))
+    kubelet.wait_until(advertising(TOKEN, 1))
     assert ids(kubelet, TOKEN) == ["item-0"]
     assert len(kubelet.allocations) == 2  # the kubelet never evicts for this
     with pytest.raises(AdmissionError, match="Requested: 1, Available: 0"):
@@ -176,11 +171,15 @@ def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(kubelet, daemon
     port = free_port()
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     wait_for_http(port, "/readyz", 200)
     write(config_path, config_text((TOKEN, 5), (LICENSE, -1)))
-    body = wait_for_http(port, "/readyz", 503)
-    assert "configuration reload rejected: resources[1] (example.com/license): count must be zero or more" in body
+    wait_for_http(
+        port,
+        "/readyz",
+        503,
+        saying="configuration reload rejected: resources[1] (example.com/license): count must be zero or more",
+    )
     samples = metric_samples(port)
     assert samples[("token_resource_config_reloads_total", (("result", "failed"),))] == 1
     assert samples[("token_resource_config_last_reload_ok", ())] == 0
@@ -188,7 +187,7 @@ def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(kubelet, daemon
     assert kubelet.allocatable(TOKEN) == 2 and ids(kubelet, TOKEN) == ["item-0", "item-1"]
     assert daemon.log().count("configuration rejected") == 1
     write(config_path, config_text((TOKEN, 5)))
-    kubelet.wait_until(advertises(TOKEN, 5))
+    kubelet.wait_until(advertising(TOKEN, 5))
     wait_for_http(port, "/readyz", 200)
     assert metric_samples(port)[("token_resource_config_generation", ())] == 2
 
@@ -196,7 +195,7 @@ def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(kubelet, daemon
 def test_sighup_rereads_the_file(kubelet, daemons, config_path, plugin_dir):
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path)
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     # Write through a hard link in another directory: the watched directory sees no event,
     # so only the signal can make the daemon notice.
     alias = os.path.join(plugin_dir, "alias.yaml")
@@ -204,7 +203,7 @@ def test_sighup_rereads_the_file(kubelet, daemons, config_path, plugin_dir):
     with open(alias, "r+") as f:
         f.write(config_text((TOKEN, 3)))
     daemon.process.send_signal(signal.SIGHUP)
-    kubelet.wait_until(advertises(TOKEN, 3))
+    kubelet.wait_until(advertising(TOKEN, 3))
 
 
 def test_config_and_resource_flags_are_exclusive(config_path):
@@ -230,11 +229,11 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
     port = free_port()
     daemon = daemons(f"--plugin_dir={plugin_dir}", "--count=3", f"--http_port={port}", "--http_address=127.0.0.1")
     wait_for_http(port, "/healthz", 200)
-    assert "example.com/token: not registered with the kubelet" in wait_for_http(port, "/readyz", 503)
+    wait_for_http(port, "/readyz", 503, saying="example.com/token: not registered with the kubelet")
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()
     try:
-        kubelet.wait_until(advertises(TOKEN, 3))
+        kubelet.wait_until(advertising(TOKEN, 3))
         wait_for_http(port, "/readyz", 200)
         kubelet.admit("pod-a", "c", TOKEN, 2)
         from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
@@ -253,14 +252,14 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
         assert samples[("token_resource_tokens", (resource,))] == 3
         assert samples[("token_resource_registered", (resource,))] == 1
         kubelet.restart()
-        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertises(TOKEN, 3)(k))
+        kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertising(TOKEN, 3)(k))
         wait_for_http(port, "/readyz", 200)  # the daemon has taken in the registration's answer
         samples = metric_samples(port)
         # the fake kubelet's first start deleted the plugin's socket too, as a real one does
         assert samples[("token_resource_kubelet_restarts_total", (resource,))] == 2
         assert samples[("token_resource_registrations_total", (resource,))] == 2
         kubelet.stop()
-        assert "not registered" in wait_for_http(port, "/readyz", 503)
+        wait_for_http(port, "/readyz", 503, saying="not registered")
         assert get(port, "/healthz")[0] == 200
     finally:
         kubelet.stop()
@@ -272,11 +271,10 @@ def test_a_file_that_is_not_text_is_rejected_and_the_daemon_goes_on(kubelet, dae
     port = free_port()
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     with open(config_path, "wb") as f:
         f.write(b"resources:\n  - name: example.com/token\n    count: \xff\xfe\n")
-    assert "configuration reload rejected: cannot" not in wait_for_http(port, "/readyz", 503)
-    assert "not UTF-8 text" in get(port, "/readyz")[1]
+    wait_for_http(port, "/readyz", 503, saying="configuration reload rejected: not UTF-8 text")
     assert daemon.process.poll() is None and kubelet.allocatable(TOKEN) == 2
 
 
@@ -284,16 +282,15 @@ def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, dae
     port = free_port()
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
-    kubelet.wait_until(advertises(TOKEN, 2))
+    kubelet.wait_until(advertising(TOKEN, 2))
     taken = os.path.join(kubelet.directory, "token-resource-example.com_license.sock")
     with socket.socket(socket.AF_UNIX) as other:  # another process serves on the new socket
         other.bind(taken)
         other.listen()
         write(config_path, config_text((TOKEN, 2), (LICENSE, 1)))
-        body = wait_for_http(port, "/readyz", 503)
-        assert f"{LICENSE}: cannot serve: another process is serving on {taken}" in body
+        wait_for_http(port, "/readyz", 503, saying=f"{LICENSE}: cannot serve: another process is serving on {taken}")
         assert get(port, "/healthz")[0] == 200  # a restart would not cure it
-        assert daemon.process.poll() is None and advertises(TOKEN, 2)(kubelet)
+        assert daemon.process.poll() is None and advertising(TOKEN, 2)(kubelet)
         write(config_path, config_text((TOKEN, 2)))  # withdrawn: ready again
         wait_for_http(port, "/readyz", 200)
 
@@ -301,6 +298,6 @@ def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, dae
 def test_http_on_an_ipv6_address(kubelet, daemons):
     port = free_port()
     daemons(f"--plugin_dir={kubelet.directory}", f"--http_port={port}", "--http_address=::1")
-    kubelet.wait_until(advertises(TOKEN, 1))
+    kubelet.wait_until(advertising(TOKEN, 1))
     with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=5) as response:
         assert response.status == 200

@@ -24,7 +24,7 @@ REGISTRATION_FAILURES = prom.Counter(
 )
 KUBELET_RESTARTS = prom.Counter(
     "token_resource_kubelet_restarts",
-    "Kubelet restarts detected (plugin socket removed or kubelet.sock re-created).",
+    "Kubelet starts seen: the kubelet deleted the plugin's socket (it does so at every start).",
     ["resource"],
     registry=REGISTRY,
 )
@@ -45,8 +45,15 @@ CONFIG_LAST_RELOAD_OK = prom.Gauge(
 )
 
 
+METHODS = ("GetDevicePluginOptions", "ListAndWatch", "GetPreferredAllocation", "Allocate", "PreStartContainer")
+
+
 def forget(resource: str) -> None:
     """Drops a withdrawn resource's series."""
     for metric in (TOKENS, REGISTERED, REGISTRATIONS, REGISTRATION_FAILURES, KUBELET_RESTARTS):
         with contextlib.suppress(KeyError):  # never set for this resource
             metric.remove(resource)
+    for calls in (CALLS, CALL_ERRORS):
+        for method in METHODS:
+            with contextlib.suppress(KeyError):
+                calls.remove(resource, method)

@@ -27,25 +27,6 @@ def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
     return [f"--plugin_dir={plugin_dir}", *extra]
 
 
-def registered_with(count: int, registrations: int | None = None):
-    """A fake-kubelet predicate: connected, `count` healthy tokens, and (optionally) exactly
-    `registrations` Register calls and ListAndWatch streams so far."""
-
-    def predicate(k) -> bool:
-        r = k.resources.get(RESOURCE)
-        return (
-            r is not None
-            and r.connected
-            and r.allocatable == count
-            and (
-                registrations is None
-                or (len(k.register_requests) == registrations and r.streams_opened == registrations)
-            )
-        )
-
-    return predicate
-
-
 def channel(plugin_dir: str, **options) -> grpc.Channel:
     """A client channel to the daemon's socket, as the kubelet dials it."""
     opts = [("grpc.default_authority", "localhost"), *options.items()]

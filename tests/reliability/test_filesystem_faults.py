@@ -19,8 +19,8 @@ import shutil
 import pytest
 
 from tests.daemon import Daemon, short_tempdir
-from tests.fake_kubelet import FakeKubelet, Mode
-from tests.reliability.common import plugin_args, registered_with
+from tests.fake_kubelet import FakeKubelet, Mode, advertising
+from tests.reliability.common import RESOURCE, plugin_args
 
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
 
@@ -64,7 +64,7 @@ def test_made_read_only_while_running_fails_at_the_next_kubelet_restart(plugin_d
     kubelet.start()
     try:
         daemon = unprivileged(*plugin_args(plugin_dir, "--count=2"))
-        kubelet.wait_until(registered_with(2))
+        kubelet.wait_until(advertising(RESOURCE, 2))
         os.chmod(plugin_dir, 0o555)
         # Serving goes on: the socket is already bound.
         assert kubelet.admit("pod", "c", "example.com/token", 1).ids == ("item-0",)
@@ -85,7 +85,7 @@ def test_removed_while_running_exits_1_and_a_restart_recovers(daemons, how):
     kubelet.start()
     try:
         daemon = daemons(*plugin_args(directory, "--count=2"))
-        kubelet.wait_until(registered_with(2))
+        kubelet.wait_until(advertising(RESOURCE, 2))
         kubelet.stop()
         if how == "removed":
             shutil.rmtree(directory)
@@ -103,7 +103,7 @@ def test_removed_while_running_exits_1_and_a_restart_recovers(daemons, how):
         kubelet = FakeKubelet(directory, Mode.E2)
         kubelet.start()
         daemons(*plugin_args(directory, "--count=2"))
-        kubelet.wait_until(registered_with(2))
+        kubelet.wait_until(advertising(RESOURCE, 2))
     finally:
         kubelet.stop()
         shutil.rmtree(parent, ignore_errors=True)

@@ -9,9 +9,10 @@ import threading
 
 import grpc
 
-from tests.fake_kubelet import FakeKubelet, Mode
+from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability import procfs
-from tests.reliability.common import RESOURCE, allocate_request, channel, plugin_args, registered_with, scaled, stub
+from tests.reliability.common import RESOURCE, allocate_request, channel, plugin_args, scaled, stub
+from token_resource import tokens
 
 COUNT = 4
 CYCLES = scaled(200, 1000)
@@ -60,11 +61,11 @@ def test_registers_once_per_restart_and_leaks_nothing(plugin_dir, daemons):
     kubelet.start()
     try:
         daemon = daemons(*plugin_args(plugin_dir, f"--count={COUNT}"))
-        kubelet.wait_until(registered_with(COUNT, registrations=1))
+        kubelet.wait_until(advertising(RESOURCE, COUNT, registrations=1))
         # One warm-up cycle with load, so the lazily grown pools exist before the baseline.
         load = _AllocateLoad(plugin_dir)
         kubelet.restart()
-        kubelet.wait_until(registered_with(COUNT, registrations=2))
+        kubelet.wait_until(advertising(RESOURCE, COUNT, registrations=2))
         load.stop()
         start_threads, start_fds = procfs.threads(daemon.pid), procfs.fds(daemon.pid)
         start_targets = procfs.fd_targets(daemon.pid)
@@ -75,7 +76,7 @@ def test_registers_once_per_restart_and_leaks_nothing(plugin_dir, daemons):
             under_load = cycle % 4 == 0  # every fourth restart lands among Allocate calls
             load = _AllocateLoad(plugin_dir) if under_load else None
             kubelet.restart()
-            kubelet.wait_until(registered_with(COUNT, registrations=registrations + cycle + 1), timeout=15)
+            kubelet.wait_until(advertising(RESOURCE, COUNT, registrations=registrations + cycle + 1), timeout=15)
             if load is not None:
                 load.stop()
                 mid_allocate += 1
@@ -101,11 +102,11 @@ def test_registers_once_per_restart_and_leaks_nothing(plugin_dir, daemons):
 def test_one_registration_per_restart_at_the_largest_count(plugin_dir, kubelets, daemons):
     """At the largest count a restart keeps the event loop busiest; it must still register
     exactly once per kubelet restart (a second Register harms kubelets 1.25-1.36)."""
-    count = 179392
+    count = tokens.max_count()
     kubelet = kubelets(Mode.E2)
     daemons(*plugin_args(plugin_dir, f"--count={count}"))
-    kubelet.wait_until(registered_with(count, registrations=1), timeout=60)
+    kubelet.wait_until(advertising(RESOURCE, count, registrations=1), timeout=60)
     for restarts in range(1, 6):
         kubelet.restart()
-        kubelet.wait_until(registered_with(count, registrations=restarts + 1), timeout=60)
+        kubelet.wait_until(advertising(RESOURCE, count, registrations=restarts + 1), timeout=60)
     assert len(kubelet.register_requests) == 6

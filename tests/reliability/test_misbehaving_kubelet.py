@@ -5,27 +5,27 @@ import concurrent.futures
 import itertools
 import os
 import socket
-import threading
 
 import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2
-from tests.fake_kubelet import FakeKubelet, Mode
+from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability import procfs
 from tests.reliability.common import (
+    RESOURCE,
     SOCKET,
     allocate_request,
     channel,
     plugin_args,
     ready,
-    registered_with,
     stub,
 )
 from tests.reliability.rogue_kubelet import Behaviour, RogueKubelet
+from token_resource import tokens
+from token_resource.lifecycle import SERVER_THREADS
 
-SERVER_THREADS = 16  # lifecycle.SERVER_THREADS: the gRPC server's worker pool
-MAX_COUNT = 179392  # tokens.max_count(): the largest snapshot the kubelet can receive
+MAX_COUNT = tokens.max_count()  # the largest snapshot the kubelet can receive
 
 
 def test_reregisters_when_listandwatch_never_comes(plugin_dir, daemons):
@@ -70,7 +70,7 @@ def test_a_hanging_register_is_abandoned_when_the_kubelet_restarts(plugin_dir, d
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()  # a new kubelet.sock: the daemon must not wait out its 30 s Register deadline
     try:
-        kubelet.wait_until(registered_with(2), timeout=10)
+        kubelet.wait_until(advertising(RESOURCE, 2), timeout=10)
         assert daemon.process.poll() is None
         assert kubelet.violations == []
     finally:
@@ -237,15 +237,13 @@ def test_many_streams_do_not_starve_allocate(big_daemon):
     leave Allocate answering (the daemon ends the oldest beyond a few)."""
     directory, daemon, plugin = big_daemon
     ch = channel(directory, **{"grpc.max_receive_message_length": 64 * 1024 * 1024})
-    [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(2 * SERVER_THREADS)]
+    # held in a list: a call object that is garbage collected is cancelled
+    _streams = [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(2 * SERVER_THREADS)]
     try:
-        answered = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(plugin.Allocate, allocate_request([f"item-{i}"]), timeout=5) for i in range(2)]
             for f in futures:
                 assert f.result().container_responses
-            answered.set()
-        assert answered.is_set()
     finally:
         ch.close()
     assert daemon.process.poll() is None

@@ -3,6 +3,7 @@ must not grow by 2 MiB or more. CI makes 20,000 calls; TR_RELIABILITY=full makes
 
 import grpc
 
+from tests.fake_kubelet import advertising
 from tests.reliability import procfs
 from tests.reliability.common import (
     RESOURCE,
@@ -10,7 +11,6 @@ from tests.reliability.common import (
     channel,
     plugin_args,
     ready,
-    registered_with,
     scaled,
     stub,
 )
@@ -44,7 +44,7 @@ def _run(plugin, requests, calls: int) -> tuple[int, int]:
 
 def test_allocate_soak_keeps_memory_flat(kubelet, daemons):
     daemon = daemons(*plugin_args(kubelet.directory, f"--count={COUNT}"))
-    kubelet.wait_until(registered_with(COUNT))
+    kubelet.wait_until(advertising(RESOURCE, COUNT))
     ch = channel(kubelet.directory)
     ready(ch)
     idle_threads = procfs.threads(daemon.pid)
