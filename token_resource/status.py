@@ -18,6 +18,8 @@ from absl import logging
 from token_resource import metrics
 from token_resource.lifecycle import RunnerStatus
 
+_STARTING = "starting: no resource is served yet"
+
 
 class StatusServer:
     """Serves the endpoints from a thread until close()."""
@@ -53,18 +55,22 @@ class StatusServer:
         self._thread.join()
 
     def health_problems(self) -> list[str]:
+        statuses = self._statuses()
+        if not statuses:
+            return [_STARTING]
         # A plugin that gave up (its socket is taken, say) is a readiness problem: restarting
         # the process would not cure it.
-        return [
-            f"{name}: not serving" for name, s in sorted(self._statuses().items()) if not s.serving and s.error is None
-        ]
+        return [f"{name}: not serving" for name, s in sorted(statuses.items()) if not s.serving and s.error is None]
 
     def readiness_problems(self) -> list[str]:
+        statuses = self._statuses()
         problems = [
             f"{name}: cannot serve: {s.error}" if s.error else f"{name}: not registered with the kubelet"
-            for name, s in sorted(self._statuses().items())
+            for name, s in sorted(statuses.items())
             if not s.registered
         ]
+        if not statuses:
+            problems.append(_STARTING)
         error = self._reload_error()
         if error is not None:
             problems.append(f"configuration reload rejected: {error}")
