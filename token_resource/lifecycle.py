@@ -308,13 +308,16 @@ class PluginRunner:
 
     # The gRPC server -----------------------------------------------------------------------
 
-    def _start_server(self) -> None:
-        path = self.config.socket_path
+    def _check_directory(self) -> None:
         if not os.path.isdir(self.config.plugin_dir):
             raise CannotServeError(
                 f"the device-plugin directory {self.config.plugin_dir} does not exist "
                 "(is the kubelet's directory mounted? see --plugin_dir)"
             )
+
+    def _start_server(self) -> None:
+        path = self.config.socket_path
+        self._check_directory()
         _claim_socket(path)
         servicer = DevicePluginServicer(self._policy, self, self.config.resource)
         metrics.TOKENS.labels(self.config.resource).set(len(self._policy.devices().devices))
@@ -326,6 +329,7 @@ class PluginRunner:
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError:
+            self._check_directory()  # it may have gone meanwhile: say so rather than guess
             raise CannotServeError(f"cannot create the socket {path}: is {self.config.plugin_dir} writable?") from None
         server.start()
         # None if the kubelet deleted the socket at once (it was starting): the loop serves again.
