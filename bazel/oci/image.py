@@ -104,10 +104,7 @@ def main() -> None:
     if annotations:
         manifest["annotations"] = annotations
     descriptor = out.write_json(manifest, oci.MANIFEST)
-    out.write_index([descriptor])
-    if args.digest:
-        with open(args.digest, "w") as f:
-            f.write(descriptor["digest"])
+    out.finish(descriptor, args.digest)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,7 @@ def main() -> None:
                 out.copy_blob(image, blob["digest"])
             manifests.append({k: descriptor[k] for k in ("mediaType", "digest", "size")} | {"platform": plat})
     descriptor = out.write_json({"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": manifests}, oci.INDEX)
-    out.write_index([descriptor])
-    if args.digest:
-        with open(args.digest, "w") as f:
-            f.write(descriptor["digest"])
+    out.finish(descriptor, args.digest)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,13 @@ class Layout:
         with open(os.path.join(self.root, "index.json"), "wb") as f:
             f.write(canonical_json({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}))
 
+    def finish(self, top: dict, digest_file: str | None) -> None:
+        """Makes `top` the layout's one entry point, and writes its digest if asked."""
+        self.write_index([top])
+        if digest_file:
+            with open(digest_file, "w") as f:
+                f.write(top["digest"])
+
     # Reading ----------------------------------------------------------------------------------
 
     def top(self) -> dict:

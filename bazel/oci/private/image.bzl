@@ -1,5 +1,7 @@
 """oci_image_rule: see //bazel/oci:defs.bzl."""
 
+load(":common.bzl", "layout_dir")
+
 def stamp_files(ctx):
     """The workspace status files, when this target is stamped (stamp = 1, or -1 with --stamp)."""
     if ctx.attr.stamp == 1 or (ctx.attr.stamp == -1 and ctx.attr.private_stamp_detect):
@@ -31,10 +33,9 @@ def _oci_image_impl(ctx):
     args.add("--digest", digest)
     inputs = [settings_file] + ctx.files.tars + stamp
     if ctx.attr.base:
-        base = ctx.attr.base[DefaultInfo].files.to_list()
-        base = [f for f in base if f.is_directory]
-        args.add("--base", base[0].path)
-        inputs.extend(base)
+        base = layout_dir(ctx.attr.base)
+        args.add("--base", base.path)
+        inputs.append(base)
     args.add_all(ctx.files.tars, before_each = "--layer")
     args.add_all(stamp, before_each = "--stamp_info")
     ctx.actions.run(

@@ -1,12 +1,11 @@
 """oci_image_index_rule: see //bazel/oci:defs.bzl."""
 
-def _layout_dir(target):
-    return [f for f in target[DefaultInfo].files.to_list() if f.is_directory][0]
+load(":common.bzl", "layout_dir")
 
 def _oci_image_index_impl(ctx):
     layout = ctx.actions.declare_directory(ctx.label.name)
     digest = ctx.actions.declare_file(ctx.label.name + ".digest")
-    images = [_layout_dir(t) for t in ctx.attr.images]
+    images = [layout_dir(t) for t in ctx.attr.images]
     args = ctx.actions.args()
     args.add("--output", layout.path)
     args.add("--digest", digest)

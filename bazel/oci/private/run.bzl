@@ -1,13 +1,12 @@
 """oci_load_rule and oci_push_rule: `bazel run` targets that call a tool on an image layout."""
 
-def _layout_dir(target):
-    return [f for f in target[DefaultInfo].files.to_list() if f.is_directory][0]
+load(":common.bzl", "layout_dir")
 
 def _shell_quote(s):
     return "'" + s.replace("'", "'\\''") + "'"
 
 def _runner(ctx, tool, args):
-    layout = _layout_dir(ctx.attr.image)
+    layout = layout_dir(ctx.attr.image)
     script = ctx.actions.declare_file(ctx.label.name + ".sh")
     words = [tool[DefaultInfo].files_to_run.executable.short_path, "--image", layout.short_path] + args
     ctx.actions.write(script, is_executable = True, content = """#!/usr/bin/env bash
