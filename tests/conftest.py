@@ -1,6 +1,7 @@
 """Shared fixtures: a short temp directory, a fake kubelet in it, and daemons to clean up."""
 
 import shutil
+from typing import Any
 
 import pytest
 
@@ -43,12 +44,12 @@ def kubelet(kubelets):
 
 @pytest.fixture
 def daemons(request):
-    """start(*flags) runs a daemon; all are killed after the test, and their logs are
-    printed if the test failed."""
+    """start(*flags, **options) runs a daemon (options as for Daemon); all are killed after
+    the test, and their logs are printed if the test failed."""
     started: list[Daemon] = []
 
-    def start(*args: str) -> Daemon:
-        daemon = Daemon(*args)
+    def start(*args: str, **options: Any) -> Daemon:
+        daemon = Daemon(*args, **options)
         started.append(daemon)
         return daemon
 

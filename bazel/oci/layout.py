@@ -3,6 +3,7 @@
 Shared by the oci_* tools: content-addressed blobs under blobs/sha256/, index.json at the top.
 """
 
+import argparse
 import gzip
 import hashlib
 import json
@@ -19,6 +20,18 @@ DOCKER_INDEX = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_TYPES = (INDEX, DOCKER_INDEX)
 
 _MACHINES = {"x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8")}
+
+
+def tool_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line shared by the `bazel run` tools: their docstring as help, and the
+    image layout their generated launcher passes as --image."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n", 2)[2],
+    )
+    parser.add_argument("--image", required=True, help=argparse.SUPPRESS)
+    return parser
 
 
 def canonical_json(value) -> bytes:

@@ -56,12 +56,7 @@ def find_engine(wanted: str | None) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
-    )
-    parser.add_argument("--image", required=True, help=argparse.SUPPRESS)
+    parser = oci.tool_parser(__doc__)
     parser.add_argument("--default_tag", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--tag", "-t", action="append", default=[], help="repository:tag to load as (repeatable)")
     parser.add_argument("--platform", help="os/arch[/variant]; default: this machine's")

@@ -133,12 +133,7 @@ def push(image_dir: str, repository: str, tags: list[str], plain_http: bool = Fa
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
-    )
-    parser.add_argument("--image", required=True, help=argparse.SUPPRESS)
+    parser = oci.tool_parser(__doc__)
     parser.add_argument("--repository", "-r", help="registry host[:port]/name")
     parser.add_argument(
         "--tag", "-t", action="append", default=[], help="tag to set (repeatable); replaces the target's remote_tags"

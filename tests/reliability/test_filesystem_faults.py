@@ -13,12 +13,13 @@ Root ignores directory permissions, so the read-only cases run the daemon withou
 CAP_DAC_OVERRIDE (setpriv), as a non-root container user would be.
 """
 
+import functools
 import os
 import shutil
 
 import pytest
 
-from tests.daemon import Daemon, short_tempdir
+from tests.daemon import short_tempdir
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability.common import RESOURCE, plugin_args
 
@@ -26,20 +27,10 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "-
 
 
 @pytest.fixture
-def unprivileged():
+def unprivileged(daemons):
     """Starts the daemon through setpriv (util-linux), so directory permissions apply even
     to root."""
-    started = []
-
-    def start(*args):
-        daemon = Daemon(*args, launcher=NO_DAC if os.geteuid() == 0 else ())
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        print(f"---- daemon {daemon.args} log ----\n{daemon.log()}")
-        daemon.close()
+    return functools.partial(daemons, launcher=NO_DAC if os.geteuid() == 0 else ())
 
 
 def test_missing_at_start_exits_1_with_a_clear_message(plugin_dir, daemons):
