@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 # Keep gRPC's C-core INFO lines ("Got goaway ...") out of the tables; inherited by the daemons spawned.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -379,23 +380,31 @@ def bench_recovery(trials: int) -> dict:
 # Idle footprint -------------------------------------------------------------------------------
 
 
-def idle_footprint(count: int) -> dict:
+@contextlib.contextmanager
+def registered_daemon(count: int) -> Iterator[tuple[str, Daemon]]:
+    """(plugin directory, daemon) for a daemon with `count` tokens, registered with a fake
+    kubelet; both are stopped afterwards."""
     directory = short_tempdir("tr-bench-")
     kubelet = FakeKubelet(directory, Mode.E2)
     kubelet.start()
     daemon = Daemon(f"--plugin_dir={directory}", f"--count={count}")
     try:
         kubelet.wait_until(registered, timeout=60)
+        yield directory, daemon
+    finally:
+        daemon.terminate()
+        daemon.close()
+        kubelet.stop()
+
+
+def idle_footprint(count: int) -> dict:
+    with registered_daemon(count) as (_, daemon):
         settle(daemon.pid)
         return {
             "rss": procfs.rss_bytes(daemon.pid),
             "threads": procfs.threads(daemon.pid),
             "fds": procfs.fds(daemon.pid),
         }
-    finally:
-        daemon.terminate()
-        daemon.close()
-        kubelet.stop()
 
 
 def bench_idle(repeats: int) -> dict:
@@ -465,19 +474,10 @@ def bench_scale(repeats: int) -> dict:
         # The daemon itself: start-up to the kubelet's first snapshot, a snapshot over the socket,
         # idle memory, and the Register round trip after a kubelet restart.
         startup = [startup_to_snapshot(count) for _ in range(max(2, repeats // 2))]
-        directory = short_tempdir("tr-bench-")
-        kubelet = FakeKubelet(directory, Mode.E2)
-        kubelet.start()
-        daemon = Daemon(f"--plugin_dir={directory}", f"--count={count}")
-        try:
-            kubelet.wait_until(registered, timeout=60)
+        with registered_daemon(count) as (directory, daemon):
             send = _first_snapshot_over_socket(os.path.join(directory, SOCKET), repeats)
             settle(daemon.pid)
             rss = procfs.rss_bytes(daemon.pid)
-        finally:
-            daemon.terminate()
-            daemon.close()
-            kubelet.stop()
         recovery = recovery_trials(max(5, repeats), count)
         out[count] = {
             "snapshot_bytes": len(data),
