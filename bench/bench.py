@@ -134,20 +134,15 @@ def settle(pid: int, timeout: float = 5.0) -> None:
 
 
 class TimedKubelet(FakeKubelet):
-    """The fake kubelet, noting when each Register arrives and when kubelet.sock is served."""
+    """The fake kubelet, noting when kubelet.sock is served (on the clock of register_times)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_at: list[float] = []
         self.started_at = 0.0
 
     def start(self) -> None:
         super().start()
-        self.started_at = time.perf_counter()
-
-    def _register(self, request, context):
-        self.register_at.append(time.perf_counter())
-        return super()._register(request, context)
+        self.started_at = time.monotonic()
 
 
 # Unary latency ------------------------------------------------------------------------------
@@ -315,8 +310,8 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
             seen = len(kubelet.resources[RESOURCE].snapshots)
             kubelet.restart()  # forgets the options: only a new registration sets them again
             kubelet.wait_until(functools.partial(_reconnected, seen=seen), timeout=60)
-            done = time.perf_counter()
-            register.append(kubelet.register_at[-1] - kubelet.started_at)
+            done = time.monotonic()
+            register.append(kubelet.register_times[-1] - kubelet.started_at)
             snapshot.append(done - kubelet.started_at)
         extra = len(kubelet.register_requests) - (trials + 1)  # Register calls beyond one per restart
         violations = list(kubelet.violations)
@@ -332,7 +327,7 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
             ch = grpc.insecure_channel(f"unix://{kubelet.socket_path}")
             with contextlib.suppress(grpc.RpcError):  # the version is refused: that answer ends the round trip
                 api_pb2_grpc.RegistrationStub(ch).Register(api_pb2.RegisterRequest(version="baseline"), timeout=10)
-            floor.append(time.perf_counter() - t)
+            floor.append(time.monotonic() - t)
             ch.close()
     finally:
         daemon.close()
