@@ -1,0 +1,391 @@
+"""NodeDrain and the small API client, against a fake API server on loopback that checks the
+protocol (paths, patch bodies, field selectors, the bearer token) and plays the kubelet's part of
+writing allocatable back; and, opt-in, against a real API server (see test_real_api_server)."""
+
+import contextlib
+import http.server
+import json
+import os
+import queue
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from token_resource import drain, kubeapi
+from token_resource.drain import NodeDrain
+from token_resource.kubeapi import KubeAPI, KubeAPIError
+
+NODE = "node-1"
+TOKEN = "example.com/token"
+SELECTOR = f"spec.nodeName={NODE},status.phase!=Succeeded,status.phase!=Failed"
+
+
+def pod(name, resources=None, status=None, node=NODE, deleting=False):
+    metadata = {"namespace": "default", "name": name}
+    if deleting:
+        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    limits = {TOKEN: "1"} if resources is None else resources
+    return {
+        "metadata": metadata,
+        "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"limits": limits}}]},
+        "status": status or {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]},
+    }
+
+
+ADMITTED = {
+    "phase": "Pending",
+    "startTime": "2026-01-01T00:00:00Z",
+    "conditions": [{"type": "Initialized", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
+}
+
+
+class FakeAPIServer:
+    """Serves one node and its pods the way kube-apiserver does for the calls NodeDrain makes."""
+
+    def __init__(self, token="secret"):
+        self.token = token
+        self.lock = threading.Lock()
+        self.version = 1
+        self.allocatable = {TOKEN: "2", "cpu": "2"}
+        self.pods = []
+        self.requests = []  # (method, path, query, headers, body)
+        self.forbidden = set()  # (method, path) pairs answered 403
+        self.watchers = []
+        self.expire_next_watch = False
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                server.handle(self)
+
+            def do_PATCH(self):
+                server.handle(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        with self.lock:
+            for watcher in self.watchers:
+                watcher.put(None)
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def node(self):
+        return {
+            "metadata": {"name": NODE, "resourceVersion": str(self.version)},
+            "status": {"capacity": dict(self.allocatable), "allocatable": dict(self.allocatable)},
+        }
+
+    def write_allocatable(self, values):
+        """A status update, as the kubelet's tryUpdateNodeStatus makes it."""
+        with self.lock:
+            self.allocatable.update(values)
+            self.version += 1
+            node = self.node()
+            for watcher in self.watchers:
+                watcher.put({"type": "MODIFIED", "object": node})
+
+    def calls(self, method, path):
+        return [r for r in self.requests if r[0] == method and r[1] == path]
+
+    def handle(self, h):
+        url = urllib.parse.urlsplit(h.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        self.requests.append((h.command, url.path, query, dict(h.headers), body))
+        if h.headers.get("Authorization") != f"Bearer {self.token}":
+            return self.status(h, 401, "Unauthorized", "Unauthorized")
+        if (h.command, url.path) in self.forbidden:
+            what = "patch resource nodes/status" if h.command == "PATCH" else f"{h.command.lower()} {url.path}"
+            return self.status(h, 403, "Forbidden", f'User "system:serviceaccount:x:y" cannot {what}\nat scope')
+        if h.command == "PATCH" and url.path == f"/api/v1/nodes/{NODE}/status":
+            if h.headers["Content-Type"] != "application/merge-patch+json":
+                return self.status(h, 415, "UnsupportedMediaType", h.headers["Content-Type"])
+            self.write_allocatable(json.loads(body)["status"]["allocatable"])
+            return self.send(h, 200, self.node())
+        if h.command == "PATCH":
+            return self.status(h, 404, "NotFound", f'nodes "{url.path.split("/")[4]}" not found')
+        if url.path == "/api/v1/pods":
+            assert query["fieldSelector"] == SELECTOR
+            return self.send(h, 200, {"kind": "PodList", "items": list(self.pods)})
+        if url.path == "/api/v1/nodes" and query.get("watch") == "1":
+            assert query["fieldSelector"] == f"metadata.name={NODE}"
+            return self.stream(h, query)
+        return self.status(h, 404, "NotFound", "the server could not find the requested resource")
+
+    def stream(self, h, query):
+        events = queue.Queue()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        with self.lock:
+            if self.expire_next_watch:
+                self.expire_next_watch = False
+                status = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version"}
+                events.put({"type": "ERROR", "object": status})
+                events.put(None)
+            elif "resourceVersion" not in query:
+                events.put({"type": "ADDED", "object": self.node()})
+            self.watchers.append(events)
+        end = time.monotonic() + int(query["timeoutSeconds"])
+        try:
+            while time.monotonic() < end:
+                try:
+                    event = events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if event is None:
+                    break
+                data = json.dumps(event).encode() + b"\n"
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                h.wfile.flush()
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client went away
+        finally:
+            with self.lock:
+                self.watchers.remove(events)
+
+    def send(self, h, code, obj):
+        data = json.dumps(obj).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def status(self, h, code, reason, message):
+        self.send(h, code, {"kind": "Status", "status": "Failure", "reason": reason, "message": message, "code": code})
+
+
+@pytest.fixture
+def server():
+    fake = FakeAPIServer()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def api(server, tmp_path):
+    token = tmp_path / "token"
+    token.write_text(server.token + "\n")
+    return KubeAPI(server.url, str(token))
+
+
+def later(seconds, action):
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def test_patches_allocatable_to_zero_and_returns_when_no_pod_waits(server, api):
+    server.pods = [pod("admitted", status=ADMITTED), pod("no-token", resources={"cpu": "1"})]
+    result = NodeDrain(api, NODE, settle_s=0.2).withhold([TOKEN], timeout_s=5)
+    assert result.patched and result.skipped is None
+    assert result.pods == () and result.unadmitted == ()
+    assert 0.2 <= result.seconds < 1.5
+    [patch] = server.calls("PATCH", f"/api/v1/nodes/{NODE}/status")
+    assert json.loads(patch[4]) == {"status": {"allocatable": {TOKEN: "0"}}}
+    assert patch[3]["Content-Type"] == "application/merge-patch+json"
+    assert server.allocatable == {TOKEN: "0", "cpu": "2"}  # only the withheld resource
+    assert all(r[3]["Authorization"] == "Bearer secret" for r in server.requests)
+    assert server.calls("GET", "/api/v1/pods")  # with the field selector the server asserts
+
+
+def test_waits_until_bound_pods_are_admitted(server, api):
+    server.pods = [
+        pod("waiting"),
+        pod("deleted-before-admission", deleting=True),
+        pod("other-resource", resources={"example.com/other": "1"}),
+    ]
+
+    def admit():
+        server.pods = [pod("waiting", status=ADMITTED)]
+
+    later(0.6, admit)
+    result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=5)
+    assert result.patched and result.pods == ("default/waiting",) and result.unadmitted == ()
+    assert 0.6 <= result.seconds < 2
+
+
+def test_returns_at_the_timeout_with_the_pods_still_waiting(server, api):
+    server.pods = [pod("never-admitted")]
+    start = time.monotonic()
+    result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=1.0)
+    took = time.monotonic() - start
+    assert 1.0 <= took < 1.6
+    assert result.patched and result.unadmitted == ("default/never-admitted",)
+
+
+def test_withholds_again_when_the_kubelet_writes_the_count_back_and_stops_after(server, api):
+    server.pods = [pod("waiting")]
+    later(0.4, lambda: server.write_allocatable({TOKEN: "2"}))
+
+    def admit():
+        server.pods = [pod("waiting", status=ADMITTED)]
+
+    later(1.2, admit)
+    result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=5)
+    assert result.repatches == 1
+    assert len(server.calls("PATCH", f"/api/v1/nodes/{NODE}/status")) == 2
+    assert server.allocatable[TOKEN] == "0"
+    [watch, *_] = server.calls("GET", "/api/v1/nodes")
+    assert watch[2]["resourceVersion"] == "2"  # from the patch's answer: no write missed in between
+    # The next plugin instance registers and the kubelet writes the count: left alone.
+    server.write_allocatable({TOKEN: "2"})
+    time.sleep(0.5)
+    assert len(server.calls("PATCH", f"/api/v1/nodes/{NODE}/status")) == 2
+    assert server.allocatable[TOKEN] == "2"
+
+
+def test_watches_again_from_the_current_state_when_the_version_expired(server, api):
+    server.expire_next_watch = True
+    server.pods = [pod("waiting")]
+    later(0.5, lambda: server.write_allocatable({TOKEN: "2"}))
+    later(1.2, lambda: setattr(server, "pods", []))
+    result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=5)
+    watches = server.calls("GET", "/api/v1/nodes")
+    assert "resourceVersion" in watches[0][2] and "resourceVersion" not in watches[1][2]
+    assert result.repatches == 1 and server.allocatable[TOKEN] == "0"
+
+
+def test_forbidden_patch_is_skipped_with_the_missing_permission(server, api):
+    server.forbidden.add(("PATCH", f"/api/v1/nodes/{NODE}/status"))
+    result = NodeDrain(api, NODE).withhold([TOKEN], timeout_s=5)
+    assert not result.patched
+    assert "403 Forbidden" in result.skipped and "RBAC patch on nodes/status" in result.skipped
+    assert "\n" not in result.skipped
+    assert server.allocatable[TOKEN] == "2"
+    assert not server.calls("GET", "/api/v1/pods")
+
+
+def test_forbidden_pod_list_waits_the_settle_time_only(server, api):
+    server.forbidden.add(("GET", "/api/v1/pods"))
+    result = NodeDrain(api, NODE, settle_s=0.5).withhold([TOKEN], timeout_s=5)
+    assert result.patched and "RBAC list on pods" in result.skipped
+    assert 0.5 <= result.seconds < 1.5
+
+
+def test_forbidden_watch_falls_back_to_patching_every_second(server, api):
+    server.forbidden.add(("GET", "/api/v1/nodes"))
+    server.pods = [pod("waiting")]
+    later(0.3, lambda: server.write_allocatable({TOKEN: "2"}))
+    later(1.5, lambda: setattr(server, "pods", []))
+    result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=5)
+    assert result.patched and "RBAC watch on nodes" in result.skipped
+    assert len(server.calls("PATCH", f"/api/v1/nodes/{NODE}/status")) >= 2
+    assert server.allocatable[TOKEN] == "0"
+
+
+def test_unreachable_api_server_is_skipped(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t")
+    with contextlib.closing(FakeAPIServer()) as gone:
+        url = gone.url
+    result = NodeDrain(KubeAPI(url, str(token)), NODE).withhold([TOKEN], timeout_s=2)
+    assert not result.patched and "API server unreachable" in result.skipped
+
+
+def test_unknown_node_is_skipped(server, api):
+    result = NodeDrain(api, "no-such-node").withhold([TOKEN], timeout_s=2)
+    assert not result.patched and result.skipped.startswith("PATCH /api/v1/nodes/no-such-node/status: 404 NotFound")
+
+
+def test_the_token_is_read_again_for_each_request(server, api, tmp_path):
+    api.get("/api/v1/pods", {"fieldSelector": SELECTOR})
+    (tmp_path / "token").write_text("rotated")
+    with pytest.raises(KubeAPIError) as error:
+        api.get("/api/v1/pods", {"fieldSelector": SELECTOR})
+    assert error.value.status == 401 and str(error.value) == "GET /api/v1/pods: 401 Unauthorized: Unauthorized"
+    server.token = "rotated"
+    assert api.list("/api/v1/pods", SELECTOR) == []
+
+
+def test_a_watch_can_be_closed_from_another_thread(server, api):
+    watch = api.watch("/api/v1/nodes", f"metadata.name={NODE}", timeout_s=30)
+    events = []
+    reader = threading.Thread(target=lambda: events.extend(watch))
+    reader.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    watch.close()
+    reader.join(timeout=2)
+    assert not reader.is_alive() and time.monotonic() - start < 1
+    assert [e.type for e in events] == ["ADDED"]
+
+
+def test_in_cluster(monkeypatch, tmp_path):
+    monkeypatch.setattr(kubeapi, "SERVICE_ACCOUNT_DIR", str(tmp_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    assert kubeapi.in_cluster() is None  # no token mounted
+    (tmp_path / "token").write_text("t")
+    monkeypatch.setattr(kubeapi.ssl, "create_default_context", lambda cafile=None: cafile)
+    api = kubeapi.in_cluster()
+    assert api is not None and api.base_url == "https://[fd00::1]:6443"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert kubeapi.in_cluster() is None
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({"phase": "Pending"}, False),
+        ({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}, False),
+        (ADMITTED, True),
+        ({"phase": "Pending", "startTime": "2026-01-01T00:00:00Z"}, True),
+        ({"phase": "Running"}, True),
+        ({"phase": "Failed", "reason": "UnexpectedAdmissionError"}, True),
+    ],
+)
+def test_admitted(status, expected):
+    assert drain.admitted({"status": status}) is expected
+
+
+def test_requests_any():
+    assert drain.requests_any(pod("a"), {TOKEN})
+    assert not drain.requests_any(pod("a", resources={TOKEN: "0"}), {TOKEN})
+    init = {"spec": {"containers": [{}], "initContainers": [{"resources": {"requests": {TOKEN: "1"}}}]}}
+    assert drain.requests_any(init, {TOKEN})
+
+
+# Opt-in, against a real API server: TR_KUBE_API=https://127.0.0.1:16443, TR_KUBE_TOKEN_FILE (a
+# file holding a bearer token), TR_KUBE_NODE, and TR_KUBE_RESOURCE, a resource a device plugin
+# has registered on that node (its allocatable nonzero). TLS is not verified.
+REAL = {name: os.environ.get(f"TR_KUBE_{name}") for name in ("API", "TOKEN_FILE", "NODE", "RESOURCE")}
+
+
+@pytest.mark.skipif(
+    not all(REAL.values()), reason="set TR_KUBE_API, TR_KUBE_TOKEN_FILE, TR_KUBE_NODE, TR_KUBE_RESOURCE"
+)
+def test_real_api_server():
+    api = KubeAPI(REAL["API"], REAL["TOKEN_FILE"], insecure=True)
+    node, resource = REAL["NODE"], REAL["RESOURCE"]
+    path = f"/api/v1/nodes/{node}"
+
+    def allocatable():
+        return api.get(path)["status"]["allocatable"].get(resource)
+
+    count = allocatable()
+    assert count not in (None, "0"), f"{resource} is not registered on {node}"
+    # Held past the kubelet's 10 s status update, which writes the count back at least once.
+    result = NodeDrain(api, node, settle_s=12).withhold([resource], timeout_s=15)
+    assert result.patched and result.skipped is None and result.repatches >= 1
+    assert allocatable() == "0"
+    # Left alone after, the kubelet's next update restores its own view.
+    deadline = time.monotonic() + 15
+    while allocatable() == "0" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert allocatable() == count
