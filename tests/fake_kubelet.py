@@ -1,12 +1,32 @@
 """A fake kubelet device manager that talks to device plugins like the real one.
 
 It follows ../shared/docs/kubelet-device-plugin-protocol.md: Register validation with the
-kubelet's exact error texts, the 1.25+ blocking dial-back (Mode.E2) or the 1.20-1.24
-answer-first dial-later (Mode.E1), one ListAndWatch stream per registration read with gRPC's
-default 4 MiB limit, full-snapshot device sets, capacity/allocatable, admission through
-GetPreferredAllocation + Allocate (+ PreStartContainer), and restarts that delete every socket
-in the directory. Every protocol rule a plugin breaks is recorded in `violations`.
-Tests and the node simulation wait on its state with `wait_until`, never on sleeps.
+kubelet's exact error texts, the 1.20-1.24 answer-first dial-later (Mode.E1) or the 1.25+
+blocking dial-back (Mode.E2, Mode.E3), one ListAndWatch stream per registration read with
+gRPC's default 4 MiB limit, full-snapshot device sets, capacity/allocatable and the node-status
+view of them, admission through GetPreferredAllocation + Allocate (+ PreStartContainer), and
+restarts that delete every socket in the directory. Every protocol rule a plugin breaks is
+recorded in `violations`. Tests and the node simulation wait on its state with `wait_until`,
+never on sleeps.
+
+What each era does when two plugin instances register the same resource (protocol doc §8.2)
+is modelled on the kubelet's own bookkeeping, not flagged:
+
+* E1 (1.20-1.24, pkg/kubelet/cm/devicemanager/manager.go `registerEndpoint`, `runEndpoint`):
+  one endpoint per resource name; a registration replaces it and leaves the old connection and
+  stream alone. Every stream's snapshots update the resource's device sets. When a stream ends
+  the kubelet closes that endpoint's connection and marks the resource unhealthy only if the
+  endpoint is still the current one.
+* E2 (1.25-1.36, plugin/v1beta1/handler.go `connectClient`, `runClient`): one client per
+  resource name, stored before the dial-back. When a client's stream ends, the clean-up looks
+  the client up *by name*, so the end of a replaced instance's stream disconnects the newest
+  client (closes its connection, which cancels that plugin's ListAndWatch) and marks the
+  resource unhealthy (kubernetes/kubernetes#121994, #127803). A failed Register deletes the
+  name's entry, i.e. the previous working client's, whose later stream end is then not
+  cleaned up at all.
+* E3 (1.37+, PR #135437): clients are tracked per (resource name, socket path); the end of one
+  instance's stream disconnects only that instance, and the resource is marked unhealthy only
+  when its last instance goes. A Register naming a socket path that is still tracked is refused.
 """
 
 import concurrent.futures
@@ -18,6 +38,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple, NoReturn
 
 import grpc
 
@@ -29,7 +50,11 @@ SUPPORTED_VERSIONS = ["v1beta1"]
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DIAL_TIMEOUT_S = 10.0
 PRE_START_TIMEOUT_S = 30.0
+STOP_GRACE_PERIOD_S = 300.0  # endpointStopGracePeriod: a stopped resource leaves node status after 5 min
 HEALTHY = "Healthy"
+# How long a Register waits for the clean-up of connections the kubelet itself has just closed
+# (see FakeKubelet._await_cleanups).
+_CLEANUP_WAIT_S = 5.0
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -37,8 +62,9 @@ _NAME_PART = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
 class Mode(enum.Enum):
-    E1 = "1.20-1.24: Register answers at once; dial and ListAndWatch follow in the background"
-    E2 = "1.25+: Register dials back and calls GetDevicePluginOptions before it answers"
+    E1 = "1.20-1.24: Register answers at once; dial and ListAndWatch follow; one endpoint per resource"
+    E2 = "1.25-1.36: Register dials back and calls GetDevicePluginOptions first; one client per resource name"
+    E3 = "1.37+ (PR #135437): as E2, with plugin instances tracked per (resource, socket path)"
 
 
 class AdmissionError(Exception):
@@ -59,18 +85,59 @@ def is_extended_resource_name(name: str) -> bool:
     )
 
 
+def already_tracked_error(resource: str, socket_path: str) -> str:
+    """E3's refusal of a Register whose socket path is still tracked for the resource. The text
+    is ours: the sources seen (PR #135437 and its follow-up #139338) do not show the message."""
+    return f'device plugin for resource "{resource}" is already registered with socket path {socket_path}'
+
+
+class Registration(NamedTuple):
+    """One Register call for a resource that passed the version and name checks."""
+
+    endpoint: str
+    time: float  # time.monotonic()
+
+
+@dataclasses.dataclass(eq=False)
+class Connection:
+    """One plugin instance the kubelet dialled back: its endpoint (E1) or client (E2, E3)."""
+
+    resource: str
+    endpoint: str  # the socket file name from the RegisterRequest
+    life: int  # which run of the kubelet made it; a stopped kubelet forgets its connections
+    channel: grpc.Channel | None = None
+    options: api_pb2.DevicePluginOptions | None = None
+    stream_open: bool = False  # the kubelet's ListAndWatch call on it is running
+    snapshots: int = 0  # ListAndWatch messages received on it
+    closed_by_kubelet: bool = False  # the kubelet closed the connection (the plugin sees its stream cancelled)
+    cleaned_up: bool = False  # the kubelet has handled the end of its stream
+
+
 @dataclasses.dataclass
 class Resource:
     """What the device manager knows of one extended resource."""
 
+    # The device manager's endpoint for the resource (the newest registration; in E3 the newest
+    # tracked instance). Allocation goes there; `endpoint`, `options` and `channel` are its.
+    current: Connection | None = None
     endpoint: str = ""
     options: api_pb2.DevicePluginOptions | None = None
+    channel: grpc.Channel | None = None
     healthy: set[str] = dataclasses.field(default_factory=set)
     unhealthy: set[str] = dataclasses.field(default_factory=set)
     snapshots: list[api_pb2.ListAndWatchResponse] = dataclasses.field(default_factory=list)
-    channel: grpc.Channel | None = None
-    connected: bool = False
+    connected: bool = False  # registered and not marked unhealthy since
     streams_opened: int = 0
+    stopped_at: float | None = None  # when the current endpoint stopped (kubelet clock)
+    # E2: the server's client map entry for the name (key ""); E3: tracked instances by socket
+    # file name. Unused in E1, which has only `current`.
+    clients: dict[str, Connection] = dataclasses.field(default_factory=dict)
+    connections: list[Connection] = dataclasses.field(default_factory=list)  # every dial-back, oldest first
+    registrations: list[Registration] = dataclasses.field(default_factory=list)
+    # Times the kubelet marked the resource unhealthy (allocatable dropped from >0 to 0) because
+    # a plugin connection went away; snapshots that report devices unhealthy do not count.
+    unhealthy_marks: int = 0
+    allocatable_history: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
     @property
     def capacity(self) -> int:
@@ -79,6 +146,10 @@ class Resource:
     @property
     def allocatable(self) -> int:
         return len(self.healthy)
+
+    @property
+    def open_streams(self) -> list[Connection]:
+        return [c for c in self.connections if c.stream_open]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +180,23 @@ def advertising(resource: str, count: int, registrations: int | None = None) -> 
 class FakeKubelet:
     """Serves Registration on <directory>/kubelet.sock and drives registered plugins."""
 
-    def __init__(self, directory: str, mode: Mode = Mode.E2, *, e1_dial: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        mode: Mode = Mode.E2,
+        *,
+        e1_dial: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        grace_period: float = STOP_GRACE_PERIOD_S,
+    ) -> None:
         self.directory = directory
         self.mode = mode
         self.supported_versions = list(SUPPORTED_VERSIONS)
         # E1 only: the background dial waits for this event (set = dial at once). Never setting
         # it models the silent E1 failure in which the plugin is never called back.
         self.e1_dial = e1_dial
+        self.clock = clock  # for stop times and node status only
+        self.grace_period = grace_period
         self.resources: dict[str, Resource] = {}
         self.allocations: list[Allocation] = []
         self.register_requests: list[api_pb2.RegisterRequest] = []
@@ -127,6 +208,7 @@ class FakeKubelet:
         self.restarts = 0
         self._state = threading.Condition()
         self._server: grpc.Server | None = None
+        self._life = 0  # bumped when the kubelet stops: the new run ignores the old run's streams
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -153,35 +235,56 @@ class FakeKubelet:
             self._server.stop(None).wait()
             self._server = None
         with self._state:
-            channels = [r.channel for r in self.resources.values() if r.channel is not None]
+            self._life += 1
+            channels = []
+            for resource in self.resources.values():
+                for connection in resource.connections:
+                    if connection.channel is not None and not connection.closed_by_kubelet:
+                        connection.closed_by_kubelet = True
+                        channels.append(connection.channel)
         for channel in channels:
             channel.close()
 
     def restart(self) -> None:
-        """A kubelet restart: stop, then start (which deletes the plugins' sockets)."""
+        """A kubelet restart: stop, then start (which deletes the plugins' sockets). The new
+        kubelet knows the resources from its checkpoint only: stopped endpoints, no devices,
+        options unknown until the plugin registers again (§7.5)."""
         self.stop()
         with self._state:
             self.restarts += 1
+            now = self.clock()
             for resource in self.resources.values():
-                resource.options = None  # unknown until the plugin registers again
-                self._disconnect(resource)
+                resource.current, resource.channel, resource.options = None, None, None
+                resource.clients.clear()
+                resource.healthy, resource.unhealthy = set(), set()
+                resource.connected = False
+                resource.stopped_at = now
+                self._note_allocatable(resource)
+            self._state.notify_all()
         self.start()
 
-    def cancel_stream(self, resource: str) -> None:
-        """Closes the connection to a plugin, which ends its ListAndWatch stream."""
+    def cancel_stream(self, resource: str, endpoint: str | None = None) -> None:
+        """The kubelet drops a plugin connection (by default the resource's current one), which
+        ends its ListAndWatch stream: E1 stops the endpoint, E2 and E3 disconnect the client."""
         with self._state:
             state = self.resources[resource]
-            channel = state.channel
-            self._disconnect(state)  # the kubelet drops the endpoint before it closes the channel
-        if channel is not None:
+            if endpoint is None:
+                connection = state.current
+            else:
+                connection = next(c for c in reversed(state.connections) if c.endpoint == endpoint)
+            if connection is None:
+                return
+            if self.mode is Mode.E1:
+                channels = self._close(connection)
+                if state.current is connection:
+                    self._mark_unhealthy(state)
+            elif connection in state.clients.values():
+                channels = self._disconnect_client(state, connection)
+            else:
+                channels = self._close(connection)
+            self._state.notify_all()
+        for channel in channels:
             channel.close()
-
-    def _disconnect(self, resource: Resource) -> None:
-        """Marks a resource's plugin gone: its devices turn unhealthy (allocatable 0)."""
-        resource.unhealthy |= resource.healthy
-        resource.healthy = set()
-        resource.connected = False
-        self._state.notify_all()
 
     # State -------------------------------------------------------------------------------------
 
@@ -199,7 +302,8 @@ class FakeKubelet:
         return (
             ", ".join(
                 f"{name}: capacity {r.capacity} allocatable {r.allocatable} connected {r.connected} "
-                f"streams {r.streams_opened}"
+                f"streams {r.streams_opened} open {[c.endpoint for c in r.open_streams]} "
+                f"current {r.endpoint or None} unhealthy marks {r.unhealthy_marks}"
                 for name, r in self.resources.items()
             )
             + f"; registrations {len(self.register_requests)}; errors {self.register_errors}"
@@ -214,6 +318,21 @@ class FakeKubelet:
         with self._state:
             return self.resources[name].allocatable if name in self.resources else 0
 
+    def node_status(self) -> dict[str, tuple[int, int]]:
+        """{resource: (capacity, allocatable)} as the kubelet's next node-status sync writes them
+        (GetCapacity, §3.7, §3.10): healthy + unhealthy and healthy devices; a resource whose
+        endpoint stopped more than `grace_period` ago is dropped and written as an explicit 0."""
+        now = self.clock()
+        with self._state:
+            status = {}
+            for name, r in self.resources.items():
+                expired = r.stopped_at is not None and now - r.stopped_at > self.grace_period
+                status[name] = (0, 0) if expired else (r.capacity, r.allocatable)
+            return status
+
+    def node_allocatable(self, name: str) -> int:
+        return self.node_status().get(name, (0, 0))[1]
+
     def _changed(self) -> None:
         with self._state:
             self._state.notify_all()
@@ -223,16 +342,16 @@ class FakeKubelet:
             self.violations.append(text)
             self._state.notify_all()
 
+    def _note_allocatable(self, resource: Resource) -> None:
+        if not resource.allocatable_history or resource.allocatable_history[-1][1] != resource.allocatable:
+            resource.allocatable_history.append((time.monotonic(), resource.allocatable))
+
     # Registration ----------------------------------------------------------------------------
 
     def _register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         with self._state:
             self.register_requests.append(request)
             self.register_times.append(time.monotonic())
-            current = self.resources.get(request.resource_name)
-            if current is not None and current.connected:
-                # On 1.25-1.36 the old stream's later end disconnects the new registration.
-                self.violations.append(f"{request.resource_name}: registered again while its stream is open")
             self._state.notify_all()
         if request.version not in self.supported_versions:
             supported = "[" + " ".join(f'"{v}"' for v in self.supported_versions) + "]"
@@ -245,25 +364,60 @@ class FakeKubelet:
             self._refuse(context, f'the ResourceName "{request.resource_name}" is invalid')
         if not request.endpoint or "/" in request.endpoint:
             self._violation(f"endpoint {request.endpoint!r} is not a bare file name")
+        name = request.resource_name
+        with self._state:
+            resource = self.resources.setdefault(name, Resource())
+            resource.registrations.append(Registration(request.endpoint, time.monotonic()))
+            self._state.notify_all()
         if self.mode is Mode.E1:
             threading.Thread(target=self._connect_e1, args=(request,), daemon=True).start()
             return api_pb2.Empty()
+        self._await_cleanups(resource)
+        with self._state:
+            # The client is stored before the dial-back (handler.go connectClient): E2 by name,
+            # replacing the previous client without closing it; E3 per socket path.
+            key = request.endpoint if self.mode is Mode.E3 else ""
+            tracked = self.mode is Mode.E3 and key in resource.clients
+            connection = Connection(name, request.endpoint, self._life)
+            if not tracked:
+                resource.clients[key] = connection
+        if tracked:
+            self._refuse(context, already_tracked_error(name, os.path.join(self.directory, request.endpoint)))
         try:
             channel, options = self._connect(request, authority="localhost")
-        except grpc.FutureTimeoutError:
-            self._refuse(context, "failed to dial device plugin: context deadline exceeded")
-        except grpc.RpcError as error:
+        except (grpc.FutureTimeoutError, grpc.RpcError) as error:
+            with self._state:
+                # E2 deletes whatever the name's entry is now: the previous working client was
+                # replaced above, so it is forgotten too. E3 deletes this instance only.
+                if self.mode is Mode.E2 or resource.clients.get(key) is connection:
+                    resource.clients.pop(key, None)
+                self._state.notify_all()
+            if isinstance(error, grpc.FutureTimeoutError):
+                self._refuse(context, "failed to dial device plugin: context deadline exceeded")
             self._refuse(context, f"failed to get device plugin options: {error.details()}")
         if request.options != options:
             self._violation(f"RegisterRequest.options {request.options} != GetDevicePluginOptions {options}")
-        self._start_stream(request, channel, options)
+        self._start_stream(resource, connection, channel, options)
         return api_pb2.Empty()
 
-    def _refuse(self, context: grpc.ServicerContext, text: str) -> None:
+    def _refuse(self, context: grpc.ServicerContext, text: str) -> NoReturn:
         with self._state:
             self.register_errors.append(text)
             self._state.notify_all()
         context.abort(grpc.StatusCode.UNKNOWN, text)
+
+    def _await_cleanups(self, resource: Resource) -> None:
+        """Waits until the kubelet has handled the end of every stream it closed itself.
+
+        When the kubelet closes a connection, its goroutine reading that stream wakes at once and
+        runs the clean-up long before the plugin, which only then sees its stream cancelled, can
+        register again and be dialled back. Here both are threads, so a Register waits for those
+        clean-ups to keep that order."""
+        with self._state:
+            self._state.wait_for(
+                lambda: all(c.cleaned_up for c in resource.connections if c.closed_by_kubelet and c.stream_open),
+                timeout=_CLEANUP_WAIT_S,
+            )
 
     def _connect(
         self, request: api_pb2.RegisterRequest, authority: str
@@ -284,6 +438,8 @@ class FakeKubelet:
     def _connect_e1(self, request: api_pb2.RegisterRequest) -> None:
         if self.e1_dial is not None:
             self.e1_dial.wait()
+        resource = self.resource(request.resource_name)
+        self._await_cleanups(resource)
         path = os.path.join(self.directory, request.endpoint)
         channel = grpc.insecure_channel(f"unix://{path}", options=[("grpc.default_authority", path)])
         try:
@@ -291,37 +447,109 @@ class FakeKubelet:
         except grpc.FutureTimeoutError:
             channel.close()  # E1 only logs this; the plugin is never told
             return
-        self._start_stream(request, channel, request.options)
+        connection = Connection(request.resource_name, request.endpoint, self._life)
+        self._start_stream(resource, connection, channel, request.options)
 
     def _start_stream(
-        self, request: api_pb2.RegisterRequest, channel: grpc.Channel, options: api_pb2.DevicePluginOptions
+        self,
+        resource: Resource,
+        connection: Connection,
+        channel: grpc.Channel,
+        options: api_pb2.DevicePluginOptions,
     ) -> None:
+        """The registration succeeded: the connection becomes the resource's endpoint."""
         with self._state:
-            resource = self.resources.setdefault(request.resource_name, Resource())
-            resource.endpoint, resource.options, resource.channel = request.endpoint, options, channel
-            resource.connected = True
+            connection.channel, connection.options, connection.stream_open = channel, options, True
+            resource.connections.append(connection)
+            self._make_current(resource, connection)
             resource.streams_opened += 1
             self._state.notify_all()
-        threading.Thread(target=self._read_stream, args=(request.resource_name, resource, channel), daemon=True).start()
+        threading.Thread(target=self._read_stream, args=(resource, connection), daemon=True).start()
 
-    def _read_stream(self, name: str, resource: Resource, channel: grpc.Channel) -> None:
-        stub = api_pb2_grpc.DevicePluginStub(channel)
+    def _make_current(self, resource: Resource, connection: Connection) -> None:
+        resource.current = connection
+        resource.endpoint = connection.endpoint
+        resource.options = connection.options
+        resource.channel = connection.channel
+        resource.connected = True
+        resource.stopped_at = None
+
+    def _read_stream(self, resource: Resource, connection: Connection) -> None:
+        name = connection.resource
+        assert connection.channel is not None
+        stub = api_pb2_grpc.DevicePluginStub(connection.channel)
         try:
             for snapshot in stub.ListAndWatch(api_pb2.Empty()):
                 self._check_snapshot(name, snapshot)
                 with self._state:
+                    # Every stream feeds the resource's sets, whichever instance it comes from
+                    # (E1 genericDeviceUpdateCallback, E2 PluginListAndWatchReceiver: by name).
                     resource.snapshots.append(snapshot)
-                    if resource.channel is channel:
+                    connection.snapshots += 1
+                    if connection.life == self._life:
                         resource.healthy = {d.ID for d in snapshot.devices if d.health == HEALTHY}
                         resource.unhealthy = {d.ID for d in snapshot.devices if d.health != HEALTHY}
+                        self._note_allocatable(resource)
                     self._state.notify_all()
             self._violation(f"{name}: ListAndWatch returned while registered")
         except grpc.RpcError:
             pass
         with self._state:
-            if resource.channel is channel:  # only the current endpoint marks the resource down
-                self._disconnect(resource)
+            channels = self._stream_ended(resource, connection) if connection.life == self._life else []
+            connection.stream_open = False
+            connection.cleaned_up = True
             self._state.notify_all()
+        for channel in channels:
+            channel.close()
+
+    def _stream_ended(self, resource: Resource, connection: Connection) -> list[grpc.Channel]:
+        """The kubelet's clean-up after a ListAndWatch stream ended; returns channels to close."""
+        if self.mode is Mode.E1:
+            # runEndpoint: stop() closes this endpoint's own connection; only the current
+            # endpoint's end marks the resource unhealthy.
+            channels = self._close(connection)
+            if resource.current is connection:
+                self._mark_unhealthy(resource)
+            return channels
+        # runClient: look the client up again, by name (E2) or by (name, socket path) (E3).
+        client = resource.clients.get("" if self.mode is Mode.E2 else connection.endpoint)
+        if client is None:
+            return []
+        return self._disconnect_client(resource, client)
+
+    def _disconnect_client(self, resource: Resource, client: Connection) -> list[grpc.Channel]:
+        """disconnectClient: forget the client, close its connection, then PluginDisconnected."""
+        key = next(k for k, c in resource.clients.items() if c is client)
+        del resource.clients[key]
+        channels = self._close(client)
+        if self.mode is Mode.E2:
+            if resource.current is not None:
+                self._mark_unhealthy(resource)
+        elif not resource.clients:
+            self._mark_unhealthy(resource)
+        elif resource.current is client:
+            # Allocation moves to the newest instance still tracked (partly verified, §8.2).
+            live = [c for c in resource.connections if c in resource.clients.values()]
+            if live:
+                self._make_current(resource, live[-1])
+        return channels
+
+    def _close(self, connection: Connection) -> list[grpc.Channel]:
+        if connection.channel is None or connection.closed_by_kubelet:
+            return []
+        connection.closed_by_kubelet = True
+        return [connection.channel]
+
+    def _mark_unhealthy(self, resource: Resource) -> None:
+        """markResourceUnhealthy plus the endpoint's stop time: allocatable drops to 0."""
+        if resource.healthy:
+            resource.unhealthy_marks += 1
+        resource.unhealthy |= resource.healthy
+        resource.healthy = set()
+        resource.connected = False
+        resource.stopped_at = self.clock()
+        self._note_allocatable(resource)
+        self._state.notify_all()
 
     def _check_snapshot(self, name: str, snapshot: api_pb2.ListAndWatchResponse) -> None:
         ids = [d.ID for d in snapshot.devices]
@@ -427,5 +655,5 @@ class _Registration(api_pb2_grpc.RegistrationServicer):
     def __init__(self, kubelet: FakeKubelet) -> None:
         self._kubelet = kubelet
 
-    def Register(self, request, context):
+    def Register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         return self._kubelet._register(request, context)

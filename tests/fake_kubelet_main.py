@@ -19,7 +19,12 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dir", "/tmp/token-resource-demo", "Device-plugin directory to serve kubelet.sock in.")
-flags.DEFINE_enum("mode", "E2", ["E1", "E2"], "E1: kubelet 1.20-1.24 behaviour; E2: 1.25 and later.")
+flags.DEFINE_enum(
+    "mode",
+    "E2",
+    ["E1", "E2", "E3"],
+    "E1: kubelet 1.20-1.24 behaviour; E2: 1.25-1.36; E3: 1.37+ (per-socket instances).",
+)
 
 
 def describe(kubelet: FakeKubelet) -> str:
@@ -30,8 +35,12 @@ def report_changes(kubelet: FakeKubelet, stop: threading.Event) -> None:
     last = describe(kubelet)
     print(f"[kubelet] {last}", flush=True)
     while not stop.is_set():
+
+        def changed(k: FakeKubelet, seen: str = last) -> bool:
+            return describe(k) != seen or stop.is_set()
+
         try:
-            kubelet.wait_until(lambda k, last=last: describe(k) != last or stop.is_set(), timeout=3600)
+            kubelet.wait_until(changed, timeout=3600)
         except TimeoutError:
             continue
         if not stop.is_set():
