@@ -22,7 +22,11 @@ NEWEST = "1.37"
 
 # Not resolved: under Bazel this file is a symlink in the runfiles tree, where the data is.
 K8S_DIR = pathlib.Path(os.path.abspath(__file__)).parent
-MANIFESTS = ("token-resource.yaml", "token-resource-test.yaml")
+MANIFESTS = ("base/token-resource.yaml", "token-resource-test.yaml")
+# The kustomizations: k8s/ (every version; rolling updates without surge) and k8s/surge/ (1.22+:
+# the DaemonSet with maxSurge 1, maxUnavailable 0, patched onto base/ by surge/daemonset-surge.yaml).
+KUSTOMIZATIONS = ("kustomization.yaml", "base/kustomization.yaml", "surge/kustomization.yaml")
+SURGE_PATCH = "surge/daemonset-surge.yaml"
 
 
 def load_documents(path: pathlib.Path) -> list[dict]:
@@ -48,6 +52,21 @@ def schema_file(version: str, document: dict) -> pathlib.Path:
     """kubernetes-validate's naming: kind, then the API group's first label and version."""
     api_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", document["apiVersion"])
     return _schema_dir(version) / f"{document['kind'].lower()}-{api_version}.json"
+
+
+def _merge(base: dict, patch: dict) -> dict:
+    """A strategic merge patch of maps only (what surge/daemonset-surge.yaml is)."""
+    merged = dict(base)
+    for key, value in patch.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def surge_daemonset() -> dict:
+    """The DaemonSet that `kubectl kustomize k8s/surge` renders (//k8s:kustomize_test checks that)."""
+    [daemonset] = [d for d in load_documents(K8S_DIR / MANIFESTS[0]) if d["kind"] == "DaemonSet"]
+    [patch] = load_documents(K8S_DIR / SURGE_PATCH)
+    return _merge(daemonset, {"spec": patch["spec"]})
 
 
 def validate(document: dict, version: str) -> None:
@@ -86,6 +105,14 @@ def main() -> None:
                     failed += 1
                     verdict = f"INVALID: {getattr(error, 'message', error)}"
                 print(f"Kubernetes {version}: {name}: {describe(document)} ({document['apiVersion']}): {verdict}")
+    # The surge variant is for 1.22+: checked against the newest schema only.
+    try:
+        validate(surge_daemonset(), NEWEST)
+        verdict = "valid"
+    except jsonschema.ValidationError as error:
+        failed += 1
+        verdict = f"INVALID: {error.message}"
+    print(f"Kubernetes {NEWEST}: surge/ (kubectl kustomize): DaemonSet with maxSurge: {verdict}")
     raise SystemExit(1 if failed else 0)
 
 

@@ -1,4 +1,5 @@
-"""`kubectl kustomize k8s/` renders what the plain manifest holds, hardened as the README says.
+"""`kubectl kustomize k8s/` renders what the plain manifest holds, hardened as the README says,
+and `kubectl kustomize k8s/surge` the same with surge updates.
 
 kubectl must be on PATH (tools/bazel installs Debian's kubernetes-client where none is). Its
 built-in kustomize renders the directory, so the kustomization is checked with the tool users run.
@@ -19,16 +20,31 @@ KUBECTL = shutil.which("kubectl")
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> dict[str, dict]:
+def k8s_copy(tmp_path_factory) -> pathlib.Path:
     assert KUBECTL, "kubectl is not on PATH: run tools/bazel once (it installs Debian's kubernetes-client)"
     # A plain copy: kustomize refuses files that are symlinks out of the directory (Bazel's runfiles).
     directory = tmp_path_factory.mktemp("k8s")
-    for name in ("kustomization.yaml", *manifests.MANIFESTS):
+    for name in (*manifests.KUSTOMIZATIONS, *manifests.MANIFESTS, manifests.SURGE_PATCH):
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(manifests.K8S_DIR / name, directory / name)
+    return directory
+
+
+def _kustomize(directory: pathlib.Path) -> dict[str, dict]:
     output = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=False)
     assert output.returncode == 0, output.stderr
     documents = [doc for doc in yaml.safe_load_all(output.stdout) if doc]
     return {doc["kind"]: doc for doc in documents} | {"_all": documents}
+
+
+@pytest.fixture(scope="module")
+def rendered(k8s_copy) -> dict[str, dict]:
+    return _kustomize(k8s_copy)
+
+
+@pytest.fixture(scope="module")
+def rendered_surge(k8s_copy) -> dict[str, dict]:
+    return _kustomize(k8s_copy / "surge")
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +59,38 @@ def container(pod) -> dict:
 
 
 def test_kustomize_installs_exactly_the_plain_manifest(rendered):
-    plain = manifests.load_documents(manifests.K8S_DIR / "token-resource.yaml")
+    plain = manifests.load_documents(manifests.K8S_DIR / manifests.MANIFESTS[0])
     key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
     assert sorted(rendered["_all"], key=key) == sorted(plain, key=key)
-    # Namespace, then ServiceAccount and ConfigMap, before the DaemonSet that uses them.
-    assert [doc["kind"] for doc in rendered["_all"]] == ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"]
+    # Namespace, then ServiceAccount, its RBAC and the ConfigMap, before the DaemonSet that uses them.
+    assert [doc["kind"] for doc in rendered["_all"]] == [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ]
     for doc in rendered["_all"]:
         assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "token-resource"
-        if doc["kind"] != "Namespace":
+        if doc["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == "token-resource"
+
+
+def test_surge_variant_differs_only_in_the_update_strategy(rendered, rendered_surge):
+    assert [doc["kind"] for doc in rendered_surge["_all"]] == [doc["kind"] for doc in rendered["_all"]]
+    for plain, surge in zip(rendered["_all"], rendered_surge["_all"], strict=True):
+        if plain["kind"] != "DaemonSet":
+            assert surge == plain
+    daemonset = rendered_surge["DaemonSet"]
+    assert daemonset["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    plain_spec = dict(rendered["DaemonSet"]["spec"], updateStrategy=None)
+    assert dict(daemonset["spec"], updateStrategy=None) == plain_spec
+    # What //k8s:schemas_test validates is what kustomize renders.
+    assert daemonset == manifests.surge_daemonset()
 
 
 def test_namespace_is_labelled_privileged_for_the_hostpath(rendered):
@@ -88,10 +127,46 @@ def test_only_the_device_plugin_directory_comes_from_the_host(pod, container):
             assert "subPath" not in mounts[volume["name"]]
 
 
-def test_no_service_account_token(rendered, pod):
-    assert pod["automountServiceAccountToken"] is False
+def test_api_token_only_in_the_plugin_pod_with_the_drains_rules(rendered, pod, container):
+    # The plugin pod mounts a token (the drain patches its node's status on SIGTERM); other pods
+    # of the ServiceAccount (the test Deployment) do not, since the ServiceAccount says no.
+    assert pod["automountServiceAccountToken"] is True
     assert rendered["ServiceAccount"]["automountServiceAccountToken"] is False
-    assert pod["serviceAccountName"] == rendered["ServiceAccount"]["metadata"]["name"]
+    account = rendered["ServiceAccount"]["metadata"]
+    assert pod["serviceAccountName"] == account["name"]
+    # Exactly these rules, nothing namespaced elsewhere, no wildcards.
+    rules = {
+        (tuple(rule["apiGroups"]), resource, verb)
+        for rule in rendered["ClusterRole"]["rules"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert rules == {
+        (("",), "nodes", "get"),
+        (("",), "nodes", "list"),
+        (("",), "nodes", "watch"),
+        (("",), "nodes/status", "patch"),
+        (("",), "pods", "list"),
+        (("",), "pods", "watch"),
+    }
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in rendered["ClusterRole"]["rules"])
+    binding = rendered["ClusterRoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": rendered["ClusterRole"]["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+    # The drain patches the node it runs on: its name from the downward API.
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["NODE_NAME"] == "spec.nodeName"
+
+
+def test_grace_period_leaves_room_for_the_drain(pod):
+    # The drain takes up to about 10 s; the kubelet sends SIGKILL after the grace period.
+    assert pod["terminationGracePeriodSeconds"] >= 20
 
 
 def test_scheduling_every_linux_node_first(pod):
@@ -117,7 +192,8 @@ def _mebibytes(quantity: str) -> float:
 def test_resources_leave_room_above_the_measured_rss(container):
     resources = container["resources"]
     assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
-    # The daemon idles at 45 MiB VmRSS, 25 MiB cgroup usage (comment in token-resource.yaml); Go-sized limits OOM it.
+    # The daemon idles at 45 MiB VmRSS, 25 MiB cgroup usage (comment in base/token-resource.yaml);
+    # Go-sized limits OOM it.
     assert _mebibytes(resources["requests"]["memory"]) >= 48
     assert _mebibytes(resources["limits"]["memory"]) >= 2 * _mebibytes(resources["requests"]["memory"])
 
@@ -161,7 +237,11 @@ def _config(rendered) -> tuple[str, str]:
 def test_configmap_holds_a_config_the_daemon_accepts(rendered):
     text, _ = _config(rendered)
     [plugin] = config.parse_config(text, config.DEFAULT_PLUGIN_DIR, "any-node")
-    assert (plugin.resource, plugin.count, plugin.socket) == ("example.com/token", 2, "token-resource.sock")
+    assert (plugin.resource, plugin.count) == ("example.com/token", 2)
+    # No socket name: each instance serves on a socket of its own, so that two (a surge update)
+    # can run side by side on a node.
+    assert all("socket" not in entry for entry in yaml.safe_load(text)["resources"])
+    assert plugin.socket == config.default_socket(plugin.resource)
 
 
 def test_the_commented_examples_work_when_uncommented(rendered):

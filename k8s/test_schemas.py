@@ -18,11 +18,13 @@ def _daemonset() -> dict:
 
 
 def test_every_manifest_file_is_covered():
-    yaml_files = {path.name for path in manifests.K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
-    assert yaml_files == set(manifests.MANIFESTS)
+    yaml_files = {str(path.relative_to(manifests.K8S_DIR)) for path in manifests.K8S_DIR.glob("**/*.yaml")}
+    assert yaml_files == {*manifests.MANIFESTS, *manifests.KUSTOMIZATIONS, manifests.SURGE_PATCH}
     assert {doc["kind"] for _, doc in DOCUMENTS} == {
         "Namespace",
         "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
         "Deployment",
@@ -44,6 +46,15 @@ def test_max_surge_is_unknown_to_1_20_and_known_later():
     with pytest.raises(jsonschema.ValidationError, match="'maxSurge' was unexpected"):
         manifests.validate(daemonset, manifests.OLDEST)
     manifests.validate(daemonset, manifests.NEWEST)
+
+
+def test_surge_variant_is_valid_for_the_newest_only():
+    # k8s/surge/ is for 1.22+ (validated against the newest schema); 1.20 refuses it, hence k8s/.
+    surge = manifests.surge_daemonset()
+    assert surge["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    manifests.validate(surge, manifests.NEWEST)
+    with pytest.raises(jsonschema.ValidationError, match="'maxSurge' was unexpected"):
+        manifests.validate(surge, manifests.OLDEST)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
