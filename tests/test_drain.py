@@ -250,6 +250,19 @@ def test_withholds_again_when_the_kubelet_writes_the_count_back_and_stops_after(
     assert server.allocatable[TOKEN] == "2"
 
 
+def test_seal_patches_once_more_and_never_raises(server, api, tmp_path):
+    nodes = NodeDrain(api, NODE, settle_s=0.1)
+    nodes.withhold([TOKEN], timeout_s=1)
+    server.write_allocatable({TOKEN: "2"})  # just before the stream ended
+    assert nodes.seal([TOKEN])
+    assert server.allocatable[TOKEN] == "0"
+    assert len(server.calls("PATCH", f"/api/v1/nodes/{NODE}/status")) == 2
+    server.forbidden.add(("PATCH", f"/api/v1/nodes/{NODE}/status"))
+    assert not nodes.seal([TOKEN])
+    (tmp_path / "token").unlink()
+    assert not nodes.seal([TOKEN])
+
+
 def test_watches_again_from_the_current_state_when_the_version_expired(server, api):
     server.expire_next_watch = True
     server.pods = [pod("waiting")]
