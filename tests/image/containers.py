@@ -14,8 +14,6 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
-import pytest
-
 from tests.daemon import short_tempdir
 from tests.fake_kubelet import KUBELET_SOCKET, FakeKubelet, Mode, advertising
 
@@ -23,15 +21,6 @@ RESOURCE = "example.com/token"
 ENV_NAME = "EXAMPLE_COM_TOKEN"
 PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 HARDENED = ["--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--network", "none"]
-# CI sets it (.bazelrc's --config=ci): a test that cannot run there fails instead of skipping.
-REQUIRED_ENV = "TR_IMAGE_TESTS_REQUIRED"
-
-
-def skip_or_fail(reason: str) -> None:
-    """pytest.skip(reason), or a failure where REQUIRED_ENV says every image test must run."""
-    if os.environ.get(REQUIRED_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRED_ENV}=1: this test must run here)")
-    pytest.skip(reason)
 
 
 class Engine:
