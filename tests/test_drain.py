@@ -326,6 +326,12 @@ def test_the_token_is_read_again_for_each_request(server, api, tmp_path):
     assert api.list("/api/v1/pods", SELECTOR) == []
 
 
+def test_a_bad_ca_file_is_an_error_of_the_request(tmp_path):
+    api = KubeAPI("https://127.0.0.1:1", None, str(tmp_path / "ca.crt"))  # builds without reading it
+    with pytest.raises(KubeAPIError, match=r"^GET https://127.0.0.1:1/api: CA file .*ca.crt: No such file"):
+        api.get("/api")
+
+
 def test_a_watch_can_be_closed_from_another_thread(server, api):
     watch = api.watch("/api/v1/nodes", f"metadata.name={NODE}", timeout_s=30)
     events = []

@@ -68,14 +68,9 @@ class KubeAPI:
         self._prefix = url.path.rstrip("/")
         self._token_file = token_file
         self._timeout_s = timeout_s
-        self._context: ssl.SSLContext | None = None
-        if self._https:
-            if insecure:
-                self._context = ssl.create_default_context()
-                self._context.check_hostname = False
-                self._context.verify_mode = ssl.CERT_NONE
-            else:
-                self._context = ssl.create_default_context(cafile=ca_file)
+        self._ca_file = ca_file
+        self._insecure = insecure
+        self._context: ssl.SSLContext | None = None  # made at the first request, see _tls
 
     def get(self, path: str, params: Mapping[str, str] | None = None, timeout_s: float | None = None) -> JSON:
         return self._request("GET", path, params, timeout_s=timeout_s)
@@ -153,15 +148,21 @@ class KubeAPI:
         target = self._prefix + path + ("?" + urllib.parse.urlencode(params) if params else "")
         timeout = self._timeout_s if timeout_s is None else timeout_s
         connection: http.client.HTTPConnection
-        if self._https:
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context)
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         headers = {"Accept": "application/json", "User-Agent": "token-resource"}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = content_type or "application/json"
+        try:
+            if self._https:
+                connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls())
+            else:
+                connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        except OSError as error:  # ssl.SSLError included
+            raise KubeAPIError(
+                f"{method} {self.base_url}{path}: CA file {self._ca_file}: {_describe(error)}",
+                reason=type(error).__name__,
+            ) from None
         try:
             headers.update(self._auth())
             connection.request(method, target, payload, headers)
@@ -180,6 +181,19 @@ class KubeAPI:
             reason, message = _status_of(data, response.reason)
             raise KubeAPIError(f"{method} {path}: {response.status} {reason}: {message}", response.status, reason)
         return connection, response
+
+    def _tls(self) -> ssl.SSLContext:
+        # Made on first use, so that a missing or bad CA file is a KubeAPIError of the request
+        # (logged by the caller) rather than an exception where the client is built.
+        if self._context is None:
+            if self._insecure:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            else:
+                context = ssl.create_default_context(cafile=self._ca_file)
+            self._context = context
+        return self._context
 
     def _auth(self) -> dict[str, str]:
         # Re-read each time: bound ServiceAccount tokens are rotated in place by the kubelet.
