@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from token_resource import tokens
+from token_resource.kubelet import KUBELET_SOCKET, Endpoint
 
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-KUBELET_SOCKET = "kubelet.sock"
+DEFAULT_SOCKET = "token-resource.sock"
 # sockaddr_un.sun_path holds 108 bytes, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
@@ -32,20 +33,18 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PluginConfig:
-    """One extended resource served on one socket in the kubelet's device-plugin directory."""
+    """One extended resource: its count, served on a socket in the kubelet's device-plugin
+    directory (a socket of each process's own unless the name was given: see kubelet.Endpoint)."""
 
     resource: str
     count: int
     socket: str
     plugin_dir: str = DEFAULT_PLUGIN_DIR
+    per_instance: bool = False
 
     @property
-    def socket_path(self) -> str:
-        return os.path.join(self.plugin_dir, self.socket)
-
-    @property
-    def kubelet_socket_path(self) -> str:
-        return os.path.join(self.plugin_dir, KUBELET_SOCKET)
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.resource, self.socket, self.plugin_dir, self.per_instance)
 
 
 def check_resource_name(name: str) -> None:
@@ -92,10 +91,10 @@ def check_count(count: int, minimum: int = 1) -> None:
 
 def check_plugin(plugin: PluginConfig) -> None:
     """Checks what single settings cannot show: the socket path must fit a sockaddr_un."""
-    if len(os.fsencode(plugin.socket_path)) > MAX_SOCKET_PATH_BYTES:
+    path = plugin.endpoint.longest_socket_path
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(
-            f"socket path {plugin.socket_path} is longer than {MAX_SOCKET_PATH_BYTES} bytes; "
-            "choose a shorter socket name"
+            f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes; choose a shorter socket name"
         )
 
 
@@ -166,6 +165,7 @@ def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | No
             if not isinstance(node, str):  # YAML turns 010, yes or null into numbers, booleans, None
                 raise ConfigError(f"{where}: node name {node!r} is not a string; quote it")
         overrides = {node: _count(value, f"{where}: nodes.{node}") for node, value in nodes.items()}
+        per_instance = "socket" not in entry
         socket = entry.get("socket", default_socket(name))
         if not isinstance(socket, str):
             raise ConfigError(f"{where}: socket must be a file name")
@@ -175,7 +175,7 @@ def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | No
         raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
     if node_name is not None and node_name in overrides:
         count = overrides[node_name]
-    plugin = PluginConfig(resource=name, count=count, socket=socket, plugin_dir=plugin_dir)
+    plugin = PluginConfig(resource=name, count=count, socket=socket, plugin_dir=plugin_dir, per_instance=per_instance)
     check_plugin(plugin)
     return plugin
 

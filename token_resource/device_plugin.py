@@ -1,14 +1,14 @@
 """The DevicePlugin gRPC service, for any device policy.
 
 This module knows the kubelet's protocol, not what the devices are: a `DevicePolicy` supplies
-the options, the device list and the allocation decisions. A new device list is one event,
-`DevicePluginServicer.publish`, and every open ListAndWatch stream sends it once.
+the options, the device list and the allocation decisions. A new policy is one event,
+`DevicePluginServicer.set_policy`, and every open ListAndWatch stream sends its devices once.
 """
 
 import functools
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from absl import logging
@@ -16,6 +16,7 @@ from google.protobuf import message
 
 from deviceplugin.v1beta1 import api_pb2
 from token_resource import metrics
+from token_resource.policy import AllocationError, DevicePolicy
 
 SERVICE = "v1beta1.DevicePlugin"
 # Each ListAndWatch stream pins a server thread. The kubelet holds one per registration (an
@@ -23,20 +24,6 @@ SERVICE = "v1beta1.DevicePlugin"
 # ended: a flood of streams must never leave Allocate, which the kubelet calls without a
 # deadline, waiting for a thread.
 MAX_STREAMS = 4
-
-
-class AllocationError(Exception):
-    """A request the policy refuses; answered with INVALID_ARGUMENT and this message."""
-
-
-class DevicePolicy(Protocol):
-    def options(self) -> api_pb2.DevicePluginOptions: ...
-
-    def devices(self) -> api_pb2.ListAndWatchResponse: ...
-
-    def allocate(self, ids: Sequence[str]) -> api_pb2.ContainerAllocateResponse: ...
-
-    def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]: ...
 
 
 class StreamListener(Protocol):
@@ -69,9 +56,9 @@ def _lenient(parse: Callable[[bytes], message.Message]) -> Callable[[bytes], Any
 class DevicePluginServicer:
     """Serves all five DevicePlugin methods from a DevicePolicy."""
 
-    def __init__(self, policy: DevicePolicy, listener: StreamListener, resource: str) -> None:
-        self._policy = policy
-        self._resource = resource
+    def __init__(self, policy: DevicePolicy, listener: StreamListener) -> None:
+        self._policy = policy  # replaced whole by set_policy; each call reads it once
+        self._resource = policy.resource
         self._listener = listener
         self._changed = threading.Condition()
         self._snapshot = policy.devices()
@@ -101,9 +88,12 @@ class DevicePluginServicer:
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
-    def publish(self, snapshot: api_pb2.ListAndWatchResponse) -> None:
-        """Sends `snapshot` on every open stream, unless it equals the one in force."""
+    def set_policy(self, policy: DevicePolicy) -> None:
+        """Serves `policy` from now on; its devices go out on every open stream, unless they
+        equal the ones in force."""
+        snapshot = policy.devices()
         with self._changed:
+            self._policy = policy
             if snapshot == self._snapshot:
                 return
             self._snapshot = snapshot
@@ -179,10 +169,11 @@ class DevicePluginServicer:
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
         self._count("GetPreferredAllocation", request, context)
+        policy = self._policy
         response = api_pb2.PreferredAllocationResponse()
         try:
             for container in request.container_requests:
-                ids = self._policy.preferred(
+                ids = policy.preferred(
                     container.available_deviceIDs,
                     container.must_include_deviceIDs,
                     container.allocation_size,
@@ -197,10 +188,11 @@ class DevicePluginServicer:
         self._count("Allocate", request, context)
         if not request.container_requests:
             self._refuse(context, "Allocate", AllocationError("Allocate: the request has no container requests"))
+        policy = self._policy
         response = api_pb2.AllocateResponse()
         try:
             for container in request.container_requests:
-                response.container_responses.append(self._policy.allocate(container.devices_ids))
+                response.container_responses.append(policy.allocate(container.devices_ids))
         except AllocationError as error:
             self._refuse(context, "Allocate", error)
         logging.vlog(1, "Allocate %s", [list(c.devices_ids) for c in request.container_requests])
@@ -213,7 +205,7 @@ class DevicePluginServicer:
         logging.vlog(1, "PreStartContainer %s", list(request.devices_ids))
         return api_pb2.PreStartContainerResponse()
 
-    def _refuse(self, context: grpc.ServicerContext, method: str, error: AllocationError) -> None:
+    def _refuse(self, context: grpc.ServicerContext, method: str, error: AllocationError) -> NoReturn:
         metrics.CALL_ERRORS.labels(self._resource, method).inc()
         logging.warning("%s: %s", self._resource, error)
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

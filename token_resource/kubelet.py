@@ -1,29 +1,95 @@
-"""Talking to the kubelet: the Register call and the device-plugin directory's events.
+"""Talking to the kubelet: where a plugin's socket goes, the Register call, and what the
+device-plugin directory's events mean.
 
 Nothing here knows what the plugin serves. The kubelet signals a restart only by deleting the
 plugin sockets and creating a new kubelet.sock (or by closing its connections), so the
-directory is watched with inotify and each event is handed on as a `DirectoryEvent`.
+directory is watched and each event is classified as a `DirectoryEvent`.
 """
 
+import dataclasses
 import enum
-from collections.abc import Callable
+import os
+import re
 
 import grpc
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from token_resource import watch
-from token_resource.config import KUBELET_SOCKET
 
 API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
 # The kubelet (1.25+) dials back and calls GetDevicePluginOptions before it answers, allowing
 # itself 10 s for the dial: wait well beyond that.
 REGISTER_TIMEOUT_S = 30.0
+# An instance number is a start time in nanoseconds: 19 digits until the year 2286.
+INSTANCE_DIGITS = 19
+
+DIRECTORY_MASK = watch.flags.CREATE | watch.flags.DELETE | watch.flags.MOVED_FROM | watch.flags.MOVED_TO | watch.GONE
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where one resource is served in the kubelet's device-plugin directory.
+
+    With `per_instance`, `socket` is a base name and each process serves on its own
+    `<stem>.<instance>.sock`, so two instances (a surge upgrade) never contend for one file and
+    the newer one can take over; otherwise `socket` is used as it is.
+    """
+
+    resource: str
+    socket: str
+    plugin_dir: str
+    per_instance: bool = False
+
+    @property
+    def kubelet_socket_path(self) -> str:
+        return os.path.join(self.plugin_dir, KUBELET_SOCKET)
+
+    def socket_name(self, instance: int) -> str:
+        if not self.per_instance:
+            return self.socket
+        return f"{self._stem}.{instance}.sock"
+
+    def instance_of(self, name: str) -> int | None:
+        """The instance number of a sibling's socket name, or None if `name` is not one."""
+        if not self.per_instance:
+            return None
+        match = re.fullmatch(re.escape(self._stem) + r"\.([0-9]{1,19})\.sock", name)
+        return int(match.group(1)) if match else None
+
+    @property
+    def longest_socket_path(self) -> str:
+        """The longest path the plugin binds: its staging name (see staging_name)."""
+        return os.path.join(self.plugin_dir, staging_name(self.socket_name(10**INSTANCE_DIGITS - 1)))
+
+    @property
+    def _stem(self) -> str:
+        return self.socket.removesuffix(".sock")
+
+
+def staging_name(socket: str) -> str:
+    """Where a socket is bound before it is renamed into place. gRPC unlinks the path it bound
+    when its server stops: binding elsewhere lets a replacement server take the real name while
+    the old one still runs, and keeps the old one from unlinking its successor's socket."""
+    return f".{socket}.new"
 
 
 class DirectoryEvent(enum.Enum):
-    SOCKET_REMOVED = "the plugin socket was removed"
+    SOCKET_REMOVED = "a socket was removed"
+    SOCKET_CREATED = "a socket was created"
     KUBELET_SOCKET_CREATED = "kubelet.sock was created"
     DIRECTORY_REMOVED = "the device-plugin directory was removed"
+
+
+def classify(name: str, mask: int) -> DirectoryEvent | None:
+    flags = watch.flags
+    if mask & watch.GONE:
+        return DirectoryEvent.DIRECTORY_REMOVED
+    if mask & (flags.CREATE | flags.MOVED_TO):
+        return DirectoryEvent.KUBELET_SOCKET_CREATED if name == KUBELET_SOCKET else DirectoryEvent.SOCKET_CREATED
+    if mask & (flags.DELETE | flags.MOVED_FROM):
+        return DirectoryEvent.SOCKET_REMOVED
+    return None
 
 
 def register(
@@ -42,37 +108,7 @@ def register(
     return future
 
 
-def describe_rpc_error(error: grpc.RpcError) -> str:
+def describe_rpc_error(error: BaseException) -> str:
     code = error.code() if isinstance(error, grpc.Call) else None
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     return f"{code.name if code else 'error'}: {details}"
-
-
-class DirectoryWatch:
-    """Reports removals of one socket and creations of kubelet.sock in the plugin directory."""
-
-    _MASK = (
-        watch.flags.CREATE
-        | watch.flags.DELETE
-        | watch.flags.MOVED_FROM
-        | watch.flags.MOVED_TO
-        | watch.flags.DELETE_SELF
-        | watch.flags.MOVE_SELF
-    )
-
-    def __init__(self, directory: str, socket: str, on_event: Callable[[DirectoryEvent], None]) -> None:
-        self._socket = socket
-        self._on_event = on_event
-        self._events = watch.DirectoryEvents(directory, self._MASK, self._translate, name="plugin-dir-watch")
-
-    def close(self) -> None:
-        self._events.close()
-
-    def _translate(self, name: str, mask: int) -> None:
-        flags = watch.flags
-        if mask & (flags.DELETE_SELF | flags.MOVE_SELF):
-            self._on_event(DirectoryEvent.DIRECTORY_REMOVED)
-        elif name == self._socket and mask & (flags.DELETE | flags.MOVED_FROM):
-            self._on_event(DirectoryEvent.SOCKET_REMOVED)
-        elif name == KUBELET_SOCKET and mask & (flags.CREATE | flags.MOVED_TO):
-            self._on_event(DirectoryEvent.KUBELET_SOCKET_CREATED)

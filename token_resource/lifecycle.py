@@ -1,88 +1,610 @@
-"""The life of one device plugin: serve, register, notice the kubelet leaving, start over.
+"""The life of one device plugin, as a state machine: serve, register, hold the kubelet's
+ListAndWatch stream, start over when the kubelet goes, step aside for a newer instance.
 
-`PluginRunner.run` is a single event loop. Everything that can happen (directory events,
-ListAndWatch streams opening and closing, Register calls finishing, a stop request, a deadline)
-arrives on one queue, and each event makes the loop re-check the real state: is our socket
-still ours, is the kubelet there, are we registered. The loop knows nothing about what the
-plugin serves; the DevicePolicy does.
+    UNSERVED ──serve──▶ REGISTERING ──Register ok──▶ AWAITING_STREAM ──ListAndWatch──▶ REGISTERED
+       ▲   (socket busy,   ▲  ▲ Register failed,                │ none in time            │
+       │    no directory)  │  └ back-off ◀───────────────────────┘                         │
+       │                   └──────── the kubelet's stream ended / kubelet.sock re-created ──┘
+       └─ the directory went away                 a newer instance registered ─▶ STANDBY
+                                                  it went away ─▶ REGISTERING (at once)
+
+`PluginRunner.run` is a single event loop on its own thread. Everything that happens (directory
+events, ListAndWatch streams opening and closing, Register calls finishing, a newer instance's
+state, a new policy, a stop request) arrives on one queue as an event object, and `handle`
+dispatches it by type; then `_converge` acts on the real state (is our socket still ours, is a
+deadline due). Time, the Register call and the directory watch are passed in, so tests drive
+the machine event by event with a fake clock. The runner knows nothing about what the plugin
+serves; the DevicePolicy does.
 """
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import enum
 import os
 import queue
 import random
 import signal
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 from absl import logging
 
-from token_resource import kubelet, metrics
-from token_resource.config import PluginConfig
-from token_resource.device_plugin import DevicePluginServicer, DevicePolicy
+from token_resource import kubelet, metrics, watch
+from token_resource.device_plugin import DevicePluginServicer
+from token_resource.handoff import HandoffService, SuccessorWatch
+from token_resource.kubelet import DirectoryEvent, Endpoint
+from token_resource.plugin_server import CannotServeError, PluginServer, is_live, remove_if_stale
+from token_resource.policy import DevicePolicy
 
-# A stream pins a worker; leave room for overlapping streams during re-registration and for
-# the unary calls, which the kubelet must never find queued behind them.
-SERVER_THREADS = 16
-# Clients (benchmarks, fuzzers) may send large requests; the kubelet's own are small.
-MAX_RECEIVE_BYTES = 64 * 1024 * 1024
-REGISTER_BACKOFF_FIRST_S = 0.5
-REGISTER_BACKOFF_CAP_S = 10.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 10.0
 # A kubelet stream that ends sooner than this after opening counts as a failed registration
 # (back-off grows), so a kubelet that keeps dropping streams is not met with a Register loop.
 STABLE_STREAM_S = 10.0
 
 
-class CannotServeError(Exception):
-    """The plugin cannot serve, at start or later; the message says why and what to do."""
-
-
-class _Signal(enum.Enum):
-    STOP = "stop"
-    STREAM_OPENED = "ListAndWatch opened"
-    STREAM_CLOSED = "ListAndWatch closed"
-    DEVICES_CHANGED = "the policy's device list changed"
+class Phase(enum.Enum):
+    UNSERVED = "not serving; retrying"
+    REGISTERING = "serving; registering with the kubelet"
+    AWAITING_STREAM = "registered; waiting for the kubelet's ListAndWatch"
+    REGISTERED = "registered; the kubelet holds the ListAndWatch stream"
+    STANDBY = "standby; a newer instance holds the registration"
+    STOPPED = "stopped"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunnerStatus:
-    serving: bool
-    registered: bool  # Register succeeded and the kubelet holds a ListAndWatch stream
-    error: str | None = None  # why the plugin cannot serve, once it has given up
+    """What /healthz, /readyz and the metrics read: published whole after every event."""
+
+    phase: Phase
+    socket: str | None = None
+    problem: str | None = None  # why it cannot serve, while it retries
+    successor: int | None = None  # the newer instance it follows, if any
+
+    @property
+    def serving(self) -> bool:
+        return self.phase not in (Phase.UNSERVED, Phase.STOPPED)
+
+    @property
+    def registered(self) -> bool:
+        return self.phase is Phase.REGISTERED
+
+    @property
+    def ready(self) -> bool:
+        """The resource is served to the kubelet: by this instance, or by a newer one."""
+        return self.phase in (Phase.REGISTERED, Phase.STANDBY)
+
+
+# Events --------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class _StreamEvent:
-    signal: _Signal
+class Stop:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectoryChanged:
+    name: str
+    mask: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOpened:
     servicer: DevicePluginServicer  # events of a server since replaced are stale
     stream: int
 
 
 @dataclasses.dataclass(frozen=True)
-class _RegisterDone:
-    future: "grpc.Future"
-
-
-@dataclasses.dataclass
-class _Server:
-    grpc_server: grpc.Server
+class StreamClosed:
     servicer: DevicePluginServicer
-    inode: tuple[int, int] | None
+    stream: int
 
 
-def _inode(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino)
+@dataclasses.dataclass(frozen=True)
+class RegisterDone:
+    future: Any  # grpc.Future, or any future with cancelled() and result()
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyChanged:
+    policy: DevicePolicy
+
+
+@dataclasses.dataclass(frozen=True)
+class SuccessorState:
+    instance: int
+    registered: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SuccessorGone:
+    instance: int
+
+
+Event = (
+    Stop
+    | DirectoryChanged
+    | StreamOpened
+    | StreamClosed
+    | RegisterDone
+    | PolicyChanged
+    | SuccessorState
+    | SuccessorGone
+)
+
+RegisterCall = Callable[[str, str, str, Any], Any]
+
+
+class PluginRunner:
+    """Serves one DevicePolicy on one socket and keeps it registered with the kubelet."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        policy: DevicePolicy,
+        *,
+        instance: int,
+        watcher: watch.Watcher | None = None,
+        list_and_watch_timeout_s: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+        register: RegisterCall = kubelet.register,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.instance = instance
+        self.socket = endpoint.socket_name(instance)
+        self.policy = policy
+        self._resource = endpoint.resource
+        self._socket_path = os.path.join(endpoint.plugin_dir, self.socket)
+        self._watcher = watcher
+        self._subscription: watch.Subscription | None = None
+        self._list_and_watch_timeout_s = list_and_watch_timeout_s
+        self._now = clock
+        self._register = register
+        self._rng = rng or random.Random()
+        self._events: queue.Queue[Event] = queue.Queue()
+
+        self.phase = Phase.UNSERVED
+        self.server: PluginServer | None = None
+        self._problem: str | None = None
+        self._pending: Any = None  # the Register call in flight
+        self._next_attempt = 0.0  # when to serve (UNSERVED) or register (REGISTERING) next
+        self._failures = 0  # back-off steps taken since the last success
+        self._stream_deadline: float | None = None  # AWAITING_STREAM: register again then
+        # The kubelet's stream: the first one opened since the latest Register attempt. Only its
+        # end means the kubelet let go; other streams (an older kubelet's, a tool's) do not.
+        self._kubelet_stream: tuple[DevicePluginServicer, int] | None = None
+        self._kubelet_stream_opened = 0.0
+        self._attempted_kubelet: tuple[int, int, int] | None = None  # kubelet.sock of the last attempt
+        self._waiting_logged = False
+        self._successor: SuccessorWatch | None = None
+        self._successor_registered = False
+        self._status = RunnerStatus(Phase.UNSERVED)
+
+    # Thread-safe entry points -------------------------------------------------------------
+
+    def post(self, event: Event) -> None:
+        self._events.put(event)
+
+    def stop(self) -> None:
+        self.post(Stop())
+
+    def status(self) -> RunnerStatus:
+        return self._status
+
+    def stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
+        self.post(StreamOpened(servicer, stream))
+
+    def stream_closed(self, servicer: DevicePluginServicer, stream: int) -> None:
+        self.post(StreamClosed(servicer, stream))
+
+    # The loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Runs until a Stop event."""
+        self.start()
+        try:
+            while self.phase is not Phase.STOPPED:
+                try:
+                    event: Event | None = self._events.get(timeout=self._timeout())
+                except queue.Empty:
+                    event = None
+                self.handle(event)
+        finally:
+            self._shut_down()
+
+    def start(self) -> None:
+        self._remove_dead_siblings()
+        self._converge()
+        self._follow_newest_sibling()
+        self._publish_status()
+
+    def handle_queued(self) -> None:
+        """Handles every event already queued (for tests that drive the machine by hand)."""
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(event)
+
+    def handle(self, event: Event | None) -> None:
+        """One step of the machine; None means only that time passed."""
+        match event:
+            case Stop():
+                self._shut_down()
+                return
+            case DirectoryChanged(name, mask):
+                self._directory_changed(name, mask)
+            case StreamOpened(servicer, stream) if self._is_current(servicer):
+                self._stream_opened(servicer, stream)
+            case StreamClosed(servicer, stream) if (servicer, stream) == self._kubelet_stream:
+                self._kubelet_stream_closed()
+            case StreamOpened() | StreamClosed():
+                pass  # a stream of a replaced server, or not the kubelet's: nothing to do
+            case RegisterDone(future) if future is self._pending:
+                self._pending = None
+                self._registration_finished(future)
+            case RegisterDone():
+                pass  # an attempt abandoned for a newer one
+            case PolicyChanged(policy):
+                self._policy_changed(policy)
+            case SuccessorState(instance, registered) if self._follows(instance):
+                self._successor_state(registered)
+            case SuccessorGone(instance) if self._follows(instance):
+                self._successor_gone()
+            case SuccessorState() | SuccessorGone():
+                pass  # from a successor we no longer follow
+        self._converge()
+        self._publish_status()
+
+    def _timeout(self) -> float | None:
+        """Seconds until the machine has something to do by itself, or None to wait for events."""
+        due: float | None = None
+        if self.phase is Phase.UNSERVED or (self.phase is Phase.REGISTERING and self._pending is None):
+            due = self._next_attempt
+        elif self.phase is Phase.AWAITING_STREAM:
+            due = self._stream_deadline
+        return None if due is None else max(0.0, due - self._now())
+
+    def _converge(self) -> None:
+        """Acts on the real state: our socket, and the deadlines of the current phase."""
+        if self.phase is Phase.STOPPED:
+            return
+        if self.server is None or not self.server.owns_socket():
+            self._serve()
+        now = self._now()
+        if self.phase is Phase.AWAITING_STREAM and self._stream_deadline is not None and now >= self._stream_deadline:
+            logging.warning(
+                "%s: the kubelet did not call ListAndWatch within %.0f s of registering; registering again",
+                self._resource,
+                self._list_and_watch_timeout_s,
+            )
+            self._register_again(back_off=False)
+        if self.phase is Phase.REGISTERING and self._pending is None and now >= self._next_attempt:
+            self._attempt_register()
+
+    def _set_phase(self, phase: Phase) -> None:
+        if phase is not self.phase:
+            logging.vlog(1, "%s: %s -> %s", self._resource, self.phase.name, phase.name)
+            self.phase = phase
+            if self.server is not None:
+                self.server.handoff.set_registered(phase is Phase.REGISTERED)
+
+    def _publish_status(self) -> None:
+        self._status = RunnerStatus(
+            phase=self.phase,
+            socket=self.socket,
+            problem=self._problem,
+            successor=self._successor.instance if self._successor is not None else None,
+        )
+
+    # Serving --------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Starts a server on our socket (again), first the new one, then stopping the old, so a
+        sibling following our Handoff stream reconnects at once instead of seeing us gone."""
+        old = self.server
+        if old is None and self._now() < self._next_attempt:
+            return
+        if not self._watching_directory():
+            return
+        servicer = DevicePluginServicer(self.policy, self)
+        try:
+            new = PluginServer(self._socket_path, servicer, HandoffService(self.instance, self._resource))
+        except CannotServeError as error:
+            if old is not None:
+                self._stop_server()
+            self._cannot_serve(str(error))
+            return
+        if old is not None:
+            logging.info("%s: plugin socket removed (kubelet restart); serving again", self._resource)
+            metrics.KUBELET_RESTARTS.labels(self._resource).inc()
+            old.stop()
+        else:
+            logging.info("%s: serving on %s", self._resource, self._socket_path)
+        self.server = new
+        self._problem = None
+        self._kubelet_stream = None
+        metrics.TOKENS.labels(self._resource).set(len(self.policy.devices().devices))
+        if self.phase is Phase.STANDBY:
+            return  # the newer instance registers; we only keep a socket to take over from
+        self._set_phase(Phase.REGISTERING)
+        self._cancel_pending()
+        self._restart_backoff()
+        new.handoff.set_registered(False)
+
+    def _cannot_serve(self, problem: str) -> None:
+        if problem != self._problem:
+            logging.error("%s: cannot serve: %s", self._resource, problem)
+        self._problem = problem
+        self._cancel_pending()
+        self._set_phase(Phase.UNSERVED)
+        self._back_off(first_at_once=False)
+
+    def _watching_directory(self) -> bool:
+        if self._watcher is None or self._subscription is not None:
+            return True
+        try:
+            self._subscription = self._watcher.subscribe(
+                self.endpoint.plugin_dir,
+                kubelet.DIRECTORY_MASK,
+                lambda name, mask: self.post(DirectoryChanged(name, mask)),
+            )
+        except OSError as error:
+            self._cannot_serve(f"cannot watch {self.endpoint.plugin_dir}: {error.strerror}")
+            return False
+        return True
+
+    def _stop_server(self) -> None:
+        server, self.server = self.server, None
+        self._kubelet_stream = None
+        if server is not None:
+            server.stop()
+
+    def _shut_down(self) -> None:
+        if self.phase is Phase.STOPPED:
+            return
+        self._cancel_pending()
+        self._unfollow()
+        self._stop_server()
+        if self._subscription is not None and self._watcher is not None:
+            self._watcher.unsubscribe(self._subscription)
+            self._subscription = None
+        self._set_phase(Phase.STOPPED)
+        self._publish_status()
+        logging.info("%s: stopped", self._resource)
+
+    def _is_current(self, servicer: DevicePluginServicer) -> bool:
+        return self.server is not None and servicer is self.server.servicer
+
+    # The kubelet's directory ------------------------------------------------------------------
+
+    def _directory_changed(self, name: str, mask: int) -> None:
+        match kubelet.classify(name, mask):
+            case DirectoryEvent.DIRECTORY_REMOVED:
+                self._subscription = None  # the kernel dropped the watch with the directory
+                self._stop_server()
+                self._cannot_serve(f"the device-plugin directory {self.endpoint.plugin_dir} was removed")
+            case DirectoryEvent.KUBELET_SOCKET_CREATED:
+                self._kubelet_socket_created()
+            case DirectoryEvent.SOCKET_CREATED if (self.endpoint.instance_of(name) or 0) > self.instance:
+                self._follow_newest_sibling()
+            case DirectoryEvent.SOCKET_REMOVED if name == self.socket and self.phase is Phase.UNSERVED:
+                self._next_attempt = self._now()  # the process that held our socket let go of it
+            case _:
+                pass  # our own socket's removal shows in _converge, which compares its inode
+
+    def _kubelet_socket_created(self) -> None:
+        if self.phase is Phase.UNSERVED:
+            self._next_attempt = self._now()  # a kubelet start is a good moment to try again
+        # Level-triggered: an attempt already made to this very kubelet.sock stands, so a restart
+        # seen both as a closed stream and as a new socket registers only once.
+        elif (
+            self.phase in (Phase.REGISTERING, Phase.AWAITING_STREAM, Phase.REGISTERED)
+            and _identity(self.endpoint.kubelet_socket_path) != self._attempted_kubelet
+        ):
+            logging.info("%s: kubelet.sock created (kubelet restart); registering again", self._resource)
+            self._register_again(back_off=False)
+
+    # Registration ---------------------------------------------------------------------------
+
+    def _stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
+        if self._kubelet_stream is not None or self.phase not in (Phase.REGISTERING, Phase.AWAITING_STREAM):
+            return  # not the first stream since our Register: not the kubelet's answer to it
+        if self.phase is Phase.REGISTERING and self._pending is None:
+            return  # no Register since the last one ended: a tool's stream
+        self._kubelet_stream = (servicer, stream)
+        self._kubelet_stream_opened = self._now()
+        logging.info("%s: kubelet opened ListAndWatch", self._resource)
+        if self.phase is Phase.AWAITING_STREAM:  # E2 kubelets open it before Register returns
+            self._registered()
+
+    def _kubelet_stream_closed(self) -> None:
+        self._kubelet_stream = None
+        lived = self._now() - self._kubelet_stream_opened
+        if self._successor_registered:
+            logging.info("%s: the kubelet's ListAndWatch stream ended; a newer instance is registered", self._resource)
+            self._standby()
+            return
+        logging.info(
+            "%s: the kubelet's ListAndWatch stream ended after %.1f s; registering again", self._resource, lived
+        )
+        self._register_again(back_off=lived < STABLE_STREAM_S)
+
+    def _register_again(self, back_off: bool) -> None:
+        """Registers again: at once, or after the next back-off step when the previous
+        registration did not hold."""
+        self._cancel_pending()
+        self._stream_deadline = None
+        self._set_phase(Phase.REGISTERING)
+        if back_off:
+            self._back_off()
+        else:
+            self._restart_backoff()
+
+    def _attempt_register(self) -> None:
+        if not os.path.exists(self.endpoint.kubelet_socket_path):
+            if not self._waiting_logged:
+                logging.info("%s: waiting for %s", self._resource, self.endpoint.kubelet_socket_path)
+                self._waiting_logged = True
+            self._back_off()  # the CREATE event normally comes first; this covers a missed one
+            return
+        self._waiting_logged = False
+        self._attempted_kubelet = _identity(self.endpoint.kubelet_socket_path)
+        self._kubelet_stream = None
+        future = self._register(self.endpoint.kubelet_socket_path, self.socket, self._resource, self.policy.options())
+        self._pending = future
+        future.add_done_callback(lambda done: self.post(RegisterDone(done)))
+
+    def _registration_finished(self, future: Any) -> None:
+        if future.cancelled():
+            return
+        try:
+            future.result()
+        except grpc.RpcError as error:
+            metrics.REGISTRATION_FAILURES.labels(self._resource).inc()
+            delay = self._back_off()
+            logging.warning(
+                "%s: Register failed (%s); retrying in %.1f s", self._resource, kubelet.describe_rpc_error(error), delay
+            )
+            return
+        metrics.REGISTRATIONS.labels(self._resource).inc()
+        logging.info(
+            "%s: registered with the kubelet as %s (%d devices)",
+            self._resource,
+            self.socket,
+            len(self.policy.devices().devices),
+        )
+        if self._kubelet_stream is not None:
+            self._registered()
+        else:
+            self._set_phase(Phase.AWAITING_STREAM)
+            self._stream_deadline = self._now() + self._list_and_watch_timeout_s
+
+    def _registered(self) -> None:
+        # The back-off resets only once the stream has held (see _kubelet_stream_closed).
+        self._stream_deadline = None
+        self._set_phase(Phase.REGISTERED)
+
+    def _cancel_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def _restart_backoff(self) -> None:
+        self._failures = 0
+        self._next_attempt = 0.0
+
+    def _back_off(self, first_at_once: bool = True) -> float:
+        """Capped exponential back-off with jitter, so restarted nodes do not retry in step.
+
+        A registration's first retry is immediate: a kubelet 1.25-1.36 drops a new instance's
+        stream once when the instance it replaced disconnects (kubernetes#121994), and that
+        must cost nothing. Serving has no such case: its retries start at the first step.
+        """
+        step = self._failures - 1 if first_at_once else self._failures
+        if step < 0:
+            delay = 0.0
+        else:
+            ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**step)
+            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        self._failures += 1
+        self._next_attempt = self._now() + delay
+        return delay
+
+    # The policy -------------------------------------------------------------------------------
+
+    def _policy_changed(self, policy: DevicePolicy) -> None:
+        self.policy = policy
+        metrics.TOKENS.labels(self._resource).set(len(policy.devices().devices))
+        # A standby instance stops publishing: on kubelets 1.20-1.24 its open stream still
+        # feeds the resource's device list, which is the newer instance's to say.
+        if self.server is not None and self.phase is not Phase.STANDBY:
+            self.server.servicer.set_policy(policy)
+
+    # Hand-off -----------------------------------------------------------------------------------
+
+    def _siblings(self) -> list[tuple[int, str]]:
+        """(instance, path) of every other instance's socket for this resource, newest first."""
+        try:
+            names = os.listdir(self.endpoint.plugin_dir)
+        except OSError:
+            return []
+        found = []
+        for name in names:
+            instance = self.endpoint.instance_of(name)
+            if instance is not None and instance != self.instance:
+                found.append((instance, os.path.join(self.endpoint.plugin_dir, name)))
+        return sorted(found, reverse=True)
+
+    def _remove_dead_siblings(self) -> None:
+        """Sockets of instances that died without cleaning up (SIGKILL): the newest instance
+        removes them, and only after a probe shows nobody serves there."""
+        for instance, path in self._siblings():
+            if instance > self.instance:
+                return
+            if remove_if_stale(path):
+                logging.info("%s: removed the socket of a dead instance: %s", self._resource, path)
+
+    def _follow_newest_sibling(self) -> None:
+        """Follows the newest live instance newer than us, if any."""
+        for instance, path in self._siblings():
+            if instance <= self.instance:
+                break
+            if self._successor is not None and self._successor.instance >= instance:
+                return
+            if is_live(path):
+                self._unfollow()
+                logging.info("%s: a newer instance serves on %s; following its registration", self._resource, path)
+                self._successor = SuccessorWatch(
+                    path,
+                    self._resource,
+                    instance,
+                    lambda i, registered: self.post(SuccessorState(i, registered)),
+                    lambda i: self.post(SuccessorGone(i)),
+                )
+                return
+
+    def _follows(self, instance: int) -> bool:
+        return self._successor is not None and self._successor.instance == instance
+
+    def _unfollow(self) -> None:
+        if self._successor is not None:
+            self._successor.close()
+            self._successor = None
+        self._successor_registered = False
+
+    def _successor_state(self, registered: bool) -> None:
+        self._successor_registered = registered
+        if registered and self.phase is not Phase.STANDBY and self.phase is not Phase.UNSERVED:
+            self._standby()
+
+    def _standby(self) -> None:
+        assert self._successor is not None
+        logging.info(
+            "%s: standby: instance %d holds the registration; this one will not register again unless it goes",
+            self._resource,
+            self._successor.instance,
+        )
+        self._cancel_pending()
+        self._stream_deadline = None
+        self._kubelet_stream = None  # whatever becomes of our stream now, we do not register again
+        self._set_phase(Phase.STANDBY)
+
+    def _successor_gone(self) -> None:
+        assert self._successor is not None
+        gone = self._successor.instance
+        self._unfollow()
+        self._follow_newest_sibling()  # it may only have replaced its server (kubelet restart)
+        if self._successor is None and self.phase is Phase.STANDBY:
+            logging.info("%s: instance %d is gone; taking over the registration", self._resource, gone)
+            if self.server is not None:
+                self.server.servicer.set_policy(self.policy)
+            self._register_again(back_off=False)
 
 
 def _identity(path: str) -> tuple[int, int, int] | None:
@@ -92,282 +614,6 @@ def _identity(path: str) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
-class PluginRunner:
-    """Serves one DevicePolicy on one socket and keeps it registered with the kubelet."""
-
-    def __init__(self, config: PluginConfig, policy: DevicePolicy, list_and_watch_timeout_s: float = 20.0) -> None:
-        self.config = config
-        self._policy = policy
-        self._list_and_watch_timeout_s = list_and_watch_timeout_s
-        self._events: queue.Queue = queue.Queue()
-        self._server: _Server | None = None
-        self._pending: grpc.Future | None = None
-        self._want_register = True
-        self._next_attempt = 0.0
-        self._failures = 0
-        self._list_and_watch_deadline: float | None = None
-        self._waiting_logged = False
-        # The kubelet's stream: the first one opened since the latest Register attempt. Only its
-        # end means the kubelet let go; other streams (an older kubelet's, a tool's) do not.
-        self._kubelet_stream: tuple[DevicePluginServicer, int] | None = None
-        self._kubelet_stream_opened = 0.0
-        self._stream_since_attempt = False
-        self._attempted_kubelet: tuple[int, int, int] | None = None  # kubelet.sock of the last attempt
-
-    # Thread-safe entry points -------------------------------------------------------------
-
-    def stop(self) -> None:
-        self._events.put(_Signal.STOP)
-
-    def stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
-        self._events.put(_StreamEvent(_Signal.STREAM_OPENED, servicer, stream))
-
-    def stream_closed(self, servicer: DevicePluginServicer, stream: int) -> None:
-        self._events.put(_StreamEvent(_Signal.STREAM_CLOSED, servicer, stream))
-
-    def devices_changed(self) -> None:
-        """The policy's device list changed: send it to the kubelet."""
-        self._events.put(_Signal.DEVICES_CHANGED)
-
-    def status(self) -> RunnerStatus:
-        server = self._server
-        streams = server.servicer.open_streams if server is not None else 0
-        registered = not self._want_register and self._pending is None and streams > 0
-        return RunnerStatus(serving=server is not None, registered=registered)
-
-    # The loop -------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Runs until stop(); raises CannotServeError if the plugin cannot serve."""
-        self._start_server()
-        watch = self._watch_directory()
-        try:
-            while True:
-                self._converge()
-                try:
-                    event = self._events.get(timeout=self._timeout())
-                except queue.Empty:
-                    event = None
-                if event is _Signal.STOP:
-                    return
-                self._handle(event)
-        finally:
-            if self._pending is not None:
-                self._pending.cancel()
-            watch.close()
-            self._stop_server()
-            logging.info("%s: stopped", self.config.resource)
-
-    def _watch_directory(self) -> kubelet.DirectoryWatch:
-        try:
-            return kubelet.DirectoryWatch(self.config.plugin_dir, self.config.socket, self._events.put)
-        except OSError as error:
-            self._stop_server()
-            raise CannotServeError(f"cannot watch {self.config.plugin_dir}: {error.strerror}") from None
-
-    def _timeout(self) -> float | None:
-        """Seconds until the loop has something to do by itself, or None to wait for events."""
-        deadlines = []
-        if self._list_and_watch_deadline is not None:
-            deadlines.append(self._list_and_watch_deadline)
-        if self._want_register and self._pending is None:
-            deadlines.append(self._next_attempt)
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-
-    def _converge(self) -> None:
-        """Acts on the real state: our socket, the kubelet's socket, the registration."""
-        server = self._server
-        if server is None or server.inode is None or _inode(self.config.socket_path) != server.inode:
-            if server is not None:
-                logging.info("%s: plugin socket removed (kubelet restart); serving again", self.config.resource)
-                metrics.KUBELET_RESTARTS.labels(self.config.resource).inc()
-            self._stop_server()
-            self._start_server()
-            self._want_register = True
-            self._restart_backoff()
-        now = time.monotonic()
-        if self._list_and_watch_deadline is not None and now >= self._list_and_watch_deadline:
-            logging.warning(
-                "%s: the kubelet did not call ListAndWatch within %.0f s of registering; registering again",
-                self.config.resource,
-                self._list_and_watch_timeout_s,
-            )
-            self._list_and_watch_deadline = None
-            self._want_register = True
-        if self._want_register and self._pending is None and now >= self._next_attempt:
-            self._attempt_register()
-
-    def _handle(self, event: object) -> None:
-        if event is kubelet.DirectoryEvent.KUBELET_SOCKET_CREATED:
-            # Level-triggered: an attempt already made to this very kubelet.sock stands, so a
-            # restart seen both as a closed stream and as a new socket registers only once.
-            if _identity(self.config.kubelet_socket_path) != self._attempted_kubelet:
-                logging.info("%s: kubelet.sock created (kubelet restart); registering again", self.config.resource)
-                self._reregister(back_off=False)
-        elif event is kubelet.DirectoryEvent.DIRECTORY_REMOVED:
-            raise CannotServeError(f"the device-plugin directory {self.config.plugin_dir} was removed")
-        elif event is _Signal.DEVICES_CHANGED:
-            snapshot = self._policy.devices()
-            metrics.TOKENS.labels(self.config.resource).set(len(snapshot.devices))
-            if self._server is not None:
-                self._server.servicer.publish(snapshot)
-        elif isinstance(event, _StreamEvent) and self._server is not None and event.servicer is self._server.servicer:
-            stream = (event.servicer, event.stream)
-            if event.signal is _Signal.STREAM_OPENED and not self._stream_since_attempt:
-                self._list_and_watch_deadline = None
-                self._stream_since_attempt = True
-                self._kubelet_stream, self._kubelet_stream_opened = stream, time.monotonic()
-                logging.info("%s: kubelet opened ListAndWatch", self.config.resource)
-            elif event.signal is _Signal.STREAM_CLOSED and stream == self._kubelet_stream:
-                self._kubelet_stream = None
-                lived = time.monotonic() - self._kubelet_stream_opened
-                logging.info(
-                    "%s: the kubelet's ListAndWatch stream ended after %.1f s; registering again",
-                    self.config.resource,
-                    lived,
-                )
-                self._reregister(back_off=lived < STABLE_STREAM_S)
-        elif isinstance(event, _RegisterDone) and event.future is self._pending:
-            self._pending = None
-            self._registration_finished(event.future)
-        # SOCKET_REMOVED needs no handling here: _converge compares the socket's inode.
-
-    # Registration ---------------------------------------------------------------------------
-
-    def _reregister(self, back_off: bool) -> None:
-        """Registers again: at once, or after the next back-off step when the previous
-        registration did not hold."""
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
-        self._list_and_watch_deadline = None
-        self._want_register = True
-        if back_off:
-            self._back_off()
-        else:
-            self._restart_backoff()
-
-    def _restart_backoff(self) -> None:
-        self._failures = 0
-        self._next_attempt = 0.0
-
-    def _attempt_register(self) -> None:
-        if not os.path.exists(self.config.kubelet_socket_path):
-            if not self._waiting_logged:
-                logging.info("%s: waiting for %s", self.config.resource, self.config.kubelet_socket_path)
-                self._waiting_logged = True
-            self._back_off()  # the CREATE event normally comes first; this covers a missed one
-            return
-        self._waiting_logged = False
-        self._attempted_kubelet = _identity(self.config.kubelet_socket_path)
-        future = kubelet.register(
-            self.config.kubelet_socket_path,
-            self.config.socket,
-            self.config.resource,
-            self._policy.options(),
-        )
-        self._pending = future
-        self._stream_since_attempt = False
-        future.add_done_callback(lambda done: self._events.put(_RegisterDone(done)))
-
-    def _registration_finished(self, future: "grpc.Future") -> None:
-        try:
-            future.result()
-        except grpc.FutureCancelledError:
-            return
-        except grpc.RpcError as error:
-            metrics.REGISTRATION_FAILURES.labels(self.config.resource).inc()
-            delay = self._back_off()
-            logging.warning(
-                "%s: Register failed (%s); retrying in %.1f s",
-                self.config.resource,
-                kubelet.describe_rpc_error(error),
-                delay,
-            )
-            return
-        metrics.REGISTRATIONS.labels(self.config.resource).inc()
-        self._want_register = False  # the back-off resets only once the kubelet's stream holds
-        if not self._stream_since_attempt:  # E2 kubelets often open it before Register returns
-            self._list_and_watch_deadline = time.monotonic() + self._list_and_watch_timeout_s
-        logging.info(
-            "%s: registered with the kubelet as %s (%d devices)",
-            self.config.resource,
-            self.config.socket,
-            len(self._policy.devices().devices),
-        )
-
-    def _back_off(self) -> float:
-        """Capped exponential back-off with jitter, so restarted nodes do not retry in step."""
-        ceiling = min(REGISTER_BACKOFF_CAP_S, REGISTER_BACKOFF_FIRST_S * 2**self._failures)
-        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-        self._failures += 1
-        self._next_attempt = time.monotonic() + delay
-        return delay
-
-    # The gRPC server -----------------------------------------------------------------------
-
-    def _check_directory(self) -> None:
-        if not os.path.isdir(self.config.plugin_dir):
-            raise CannotServeError(
-                f"the device-plugin directory {self.config.plugin_dir} does not exist "
-                "(is the kubelet's directory mounted? see --plugin_dir)"
-            )
-
-    def _start_server(self) -> None:
-        path = self.config.socket_path
-        self._check_directory()
-        _claim_socket(path)
-        servicer = DevicePluginServicer(self._policy, self, self.config.resource)
-        metrics.TOKENS.labels(self.config.resource).set(len(self._policy.devices().devices))
-        server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="grpc"),
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)],
-        )
-        servicer.add_to_server(server)
-        try:
-            server.add_insecure_port(f"unix:{path}")
-        except RuntimeError:
-            self._check_directory()  # it may have gone meanwhile: say so rather than guess
-            raise CannotServeError(f"cannot create the socket {path}: is {self.config.plugin_dir} writable?") from None
-        server.start()
-        # None if the kubelet deleted the socket at once (it was starting): the loop serves again.
-        self._server = _Server(server, servicer, _inode(path))
-        logging.info("%s: serving on %s", self.config.resource, path)
-
-    def _stop_server(self) -> None:
-        if self._server is None:
-            return
-        server, self._server = self._server, None
-        server.servicer.close()
-        server.grpc_server.stop(grace=None)
-        # Remove the socket only if it is still the one we created: never the kubelet's, and
-        # never a newer instance's.
-        if _inode(self.config.socket_path) == server.inode:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket_path)
-
-
-def _claim_socket(path: str) -> None:
-    """Removes a stale socket left by a crashed run; refuses to take over a live one."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise CannotServeError(f"{path} exists and is not a socket; remove it or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        logging.info("removing stale socket %s left by an earlier run", path)
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise CannotServeError(f"another process is serving on {path}; stop it or give this one another --socket")
 
 
 def handle_signals(handlers: Mapping[signal.Signals, Callable[[], None]]) -> None:

@@ -9,13 +9,16 @@ The original Go plugin's command line (-loglevel 0 -socket token-resource -count
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
 
-from token_resource import config
-from token_resource.lifecycle import CannotServeError, handle_signals
+from token_resource import config, tokens
+from token_resource.lifecycle import handle_signals
+from token_resource.plugin_server import CannotServeError
+from token_resource.policy import DevicePolicy
 from token_resource.status import StatusServer
 from token_resource.supervisor import ConfigFile, Supervisor
 
@@ -24,7 +27,12 @@ VERSION = "0.1.0"
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("count", 1, "Number of tokens advertised on this node.")
 flags.DEFINE_string("resource", "example.com/token", "Extended resource name, domain/name.")
-flags.DEFINE_string("socket", "token-resource.sock", "Socket file name in --plugin_dir.")
+flags.DEFINE_string(
+    "socket",
+    config.DEFAULT_SOCKET,
+    "Socket file name in --plugin_dir. When not given, each process serves on its own "
+    "token-resource.<instance>.sock, so a newer instance can take over from an older one.",
+)
 flags.DEFINE_string("plugin_dir", config.DEFAULT_PLUGIN_DIR, "The kubelet's device-plugin directory.")
 flags.DEFINE_string(
     "config",
@@ -78,8 +86,10 @@ def _plugins() -> tuple[tuple[config.PluginConfig, ...], ConfigFile | None, str]
     # Absolute, because the gRPC target unix://<path> would read a relative path's first
     # component as an authority.
     plugin_dir = os.path.abspath(FLAGS.plugin_dir)
+    _check_plugin_dir(plugin_dir)
     if FLAGS.config is None:
-        plugin = config.PluginConfig(FLAGS.resource, FLAGS.count, FLAGS.socket, plugin_dir)
+        per_instance = not FLAGS["socket"].present
+        plugin = config.PluginConfig(FLAGS.resource, FLAGS.count, FLAGS.socket, plugin_dir, per_instance)
         config.check_plugin(plugin)
         return (plugin,), None, ""
     given = [f"--{name}" for name in ("count", "resource", "socket") if FLAGS[name].present]
@@ -93,6 +103,24 @@ def _plugins() -> tuple[tuple[config.PluginConfig, ...], ConfigFile | None, str]
     return plugins, source, text
 
 
+def _check_plugin_dir(plugin_dir: str) -> None:
+    """A wrong --plugin_dir or a missing mount is a deployment mistake: say so at once. (Later,
+    the directory going away is waited out: the kubelet re-creates it.)"""
+    if not os.path.isdir(plugin_dir):
+        raise config.ConfigError(
+            f"the device-plugin directory {plugin_dir} does not exist (is the kubelet's directory mounted? "
+            "see --plugin_dir)"
+        )
+    if not os.access(plugin_dir, os.W_OK | os.X_OK):
+        raise config.ConfigError(f"cannot create the socket in {plugin_dir}: is {plugin_dir} writable?")
+
+
+def token_policy(plugin: config.PluginConfig, previous: DevicePolicy | None) -> DevicePolicy:
+    if isinstance(previous, tokens.TokenPolicy):
+        return previous.reconfigured(plugin.count)
+    return tokens.TokenPolicy(plugin.resource, plugin.count)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -103,11 +131,22 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(FLAGS.loglevel)
     try:
         plugins, source, text = _plugins()
-        supervisor = Supervisor(plugins, source, text, FLAGS.list_and_watch_timeout)
+        supervisor = Supervisor(
+            plugins,
+            token_policy,
+            instance=time.time_ns(),
+            source=source,
+            source_text=text,
+            list_and_watch_timeout_s=FLAGS.list_and_watch_timeout,
+        )
         status = None
         if FLAGS.http_port is not None:
             status = StatusServer(
-                FLAGS.http_address, FLAGS.http_port, supervisor.statuses, lambda: supervisor.reload_error
+                FLAGS.http_address,
+                FLAGS.http_port,
+                supervisor.statuses,
+                lambda: supervisor.reload_error,
+                lambda: {p.plugin_dir for p in supervisor.plugins()},
             )
     except (config.ConfigError, OSError) as error:
         return _fail(str(error) if isinstance(error, config.ConfigError) else f"--http_port: {error.strerror}")

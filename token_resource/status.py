@@ -1,13 +1,15 @@
 """The HTTP endpoint for probes and Prometheus: /healthz, /readyz, /metrics.
 
-/healthz: every plugin's thread and gRPC server are up (a liveness probe restarts the pod
-otherwise). /readyz: every configured resource is registered and the kubelet holds its
-ListAndWatch stream, and the latest configuration reload was accepted. Both answer 200 "ok"
-or 503 with one line per problem.
+/healthz: every plugin's event loop runs and its device-plugin directory exists (a liveness
+probe restarts the pod otherwise, which also re-mounts a directory re-created on the host).
+/readyz: every configured resource is served to the kubelet (registered, with the kubelet
+holding its ListAndWatch stream, or handed to a newer instance), and the latest configuration
+reload was accepted. Both answer 200 "ok" or 503 with one line per problem.
 """
 
 import http.server
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -16,7 +18,7 @@ import prometheus_client
 from absl import logging
 
 from token_resource import metrics
-from token_resource.lifecycle import RunnerStatus
+from token_resource.lifecycle import Phase, RunnerStatus
 
 _STARTING = "starting: no resource is served yet"
 
@@ -30,6 +32,7 @@ class StatusServer:
         port: int,
         statuses: Callable[[], dict[str, RunnerStatus]],
         reload_error: Callable[[], str | None],
+        plugin_dirs: Callable[[], set[str]],
     ) -> None:
         status_server = self
 
@@ -42,6 +45,7 @@ class StatusServer:
 
         self._statuses = statuses
         self._reload_error = reload_error
+        self._plugin_dirs = plugin_dirs
         self._httpd = _server_for(address)((address, port), Handler)
         self._httpd.daemon_threads = True
         self.address = self._httpd.server_address
@@ -58,16 +62,21 @@ class StatusServer:
         statuses = self._statuses()
         if not statuses:
             return [_STARTING]
-        # A plugin that gave up (its socket is taken, say) is a readiness problem: restarting
-        # the process would not cure it.
-        return [f"{name}: not serving" for name, s in sorted(statuses.items()) if not s.serving and s.error is None]
+        # A resource waiting for its socket to be free is a readiness problem: a restart would not
+        # cure it. A missing directory is a liveness one: in a pod, only a restart mounts anew.
+        problems = [
+            f"{name}: {s.problem}" for name, s in sorted(statuses.items()) if s.phase is Phase.STOPPED and s.problem
+        ]
+        missing = [d for d in sorted(self._plugin_dirs()) if not os.path.isdir(d)]
+        problems += [f"the device-plugin directory {d} is missing" for d in missing]
+        return problems
 
     def readiness_problems(self) -> list[str]:
         statuses = self._statuses()
         problems = [
-            f"{name}: cannot serve: {s.error}" if s.error else f"{name}: not registered with the kubelet"
+            f"{name}: {s.phase.value}" + (f": {s.problem}" if s.problem else "")
             for name, s in sorted(statuses.items())
-            if not s.registered
+            if not s.ready
         ]
         if not statuses:
             problems.append(_STARTING)

@@ -1,29 +1,38 @@
-"""The daemon's resources as a whole: one PluginRunner thread per resource, and live
-reconfiguration from the configuration file (on change or SIGHUP).
+"""The daemon's resources as a whole: one PluginRunner thread per resource, live
+reconfiguration from the configuration file (on change or SIGHUP), and the order of a stop.
 
 A reload is all or nothing: a file that does not parse or validate leaves the configuration in
 force untouched, is logged once, and shows in /readyz and the metrics until a good one comes.
-A resource that cannot serve (its socket is taken, say) is reported the same way while the
-others go on; the daemon exits only when none of its resources can serve.
+A new count reaches its runner as one new policy (the runner owns it). A resource that cannot
+serve (its socket is held by another process, say) is retried by its runner and reported in
+/readyz meanwhile, while the others go on.
+
+On stop, resources this instance still holds with the kubelet are first withheld (`on_stop`,
+see drain.py), then every runner stops serving.
 """
 
 import dataclasses
 import os
 import queue
 import threading
+from collections.abc import Callable, Sequence
 
 from absl import logging
 
 from token_resource import config, metrics, watch
 from token_resource.config import ConfigError, PluginConfig
-from token_resource.lifecycle import CannotServeError, PluginRunner, RunnerStatus
-from token_resource.tokens import TokenPolicy
+from token_resource.lifecycle import Phase, PluginRunner, PolicyChanged, RunnerStatus
+from token_resource.plugin_server import CannotServeError
+from token_resource.policy import DevicePolicy
+
+# The policy for a resource's configuration, given the policy it replaces (None at first).
+PolicyFactory = Callable[[PluginConfig, DevicePolicy | None], DevicePolicy]
 
 
 @dataclasses.dataclass
 class _Running:
     plugin: PluginConfig
-    policy: TokenPolicy
+    policy: DevicePolicy
     runner: PluginRunner
     thread: threading.Thread
 
@@ -49,7 +58,6 @@ class ConfigFile:
 
 _STOP = "stop"
 _RELOAD = "reload"
-_PLUGIN_FAILED = "a plugin cannot serve"
 
 
 class Supervisor:
@@ -58,18 +66,26 @@ class Supervisor:
     def __init__(
         self,
         plugins: tuple[PluginConfig, ...],
+        policy_for: PolicyFactory,
+        *,
+        instance: int,
         source: ConfigFile | None = None,
         source_text: str = "",
         list_and_watch_timeout_s: float = 20.0,
+        on_stop: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         self._initial = plugins
+        self._policy_for = policy_for
+        self._instance = instance
         self._source = source
         self._text_in_force = source_text
         self._list_and_watch_timeout_s = list_and_watch_timeout_s
-        self._events: queue.Queue = queue.Queue()
+        self._on_stop = on_stop
+        self._events: queue.Queue[str] = queue.Queue()
         self._running: dict[str, _Running] = {}
+        self._crashed: set[str] = set()
         self._lock = threading.Lock()
-        self._failures: dict[str, str] = {}  # resource -> why it cannot serve
+        self._watcher: watch.Watcher | None = None
         self.generation = 1
         self.reload_error: str | None = None
 
@@ -80,53 +96,52 @@ class Supervisor:
         self._events.put(_RELOAD)
 
     def run(self) -> None:
-        """Serves until stop(); raises CannotServeError when no resource can serve."""
+        """Serves until stop(). Raises CannotServeError if the configuration cannot be watched."""
         metrics.CONFIG_GENERATION.set(self.generation)
         metrics.CONFIG_LAST_RELOAD_OK.set(1)
-        config_watch = self._watch_config()
+        self._watcher = watch.Watcher()
         try:
+            self._watch_config(self._watcher)
             self._apply(self._initial)
-            while True:
-                event = self._events.get()
-                if event == _STOP:
-                    return
+            while (event := self._events.get()) != _STOP:
                 if event == _RELOAD:
                     self._reload()
-                with self._lock:
-                    if self._failures and len(self._failures) == len(self._running):
-                        raise CannotServeError("; ".join(self._failures.values()))
+            self._withhold()
         finally:
-            if config_watch is not None:
-                config_watch.close()
             self._apply(())
+            self._watcher.close()
 
     def statuses(self) -> dict[str, RunnerStatus]:
         with self._lock:
             running = dict(self._running)
-            failures = dict(self._failures)
+            crashed = set(self._crashed)
         return {
-            name: RunnerStatus(serving=False, registered=False, error=failures[name])
-            if name in failures
+            name: RunnerStatus(Phase.STOPPED, problem="its event loop failed (see the log)")
+            if name in crashed
             else r.runner.status()
             for name, r in running.items()
         }
 
+    def plugins(self) -> tuple[PluginConfig, ...]:
+        """The configuration in force, resource by resource."""
+        with self._lock:
+            return tuple(r.plugin for r in self._running.values())
+
     # Configuration ---------------------------------------------------------------------------
 
-    def _watch_config(self) -> watch.DirectoryEvents | None:
+    def _watch_config(self, watcher: watch.Watcher) -> None:
         if self._source is None:
-            return None
+            return
         # A mounted ConfigMap changes by swapping the ..data symlink (MOVED_TO in the directory);
         # an edited file is closed after writing. Either way the content decides.
         directory = os.path.dirname(os.path.abspath(self._source.path))
         try:
-            return watch.DirectoryEvents(
+            watcher.subscribe(
                 directory,
                 watch.flags.CLOSE_WRITE | watch.flags.MOVED_TO,
                 lambda name, mask: self._events.put(_RELOAD),
-                name="config-watch",
             )
-        except OSError as error:  # e.g. the node's inotify instance limit, shared by all its pods
+        except OSError as error:  # e.g. the node's inotify limits, shared by all its pods
             raise CannotServeError(f"cannot watch {directory} for configuration changes: {error.strerror}") from None
 
     def _reload(self) -> None:
@@ -139,6 +154,7 @@ class Supervisor:
             self._reject(str(error))
             return
         except Exception as error:  # a parser surprise must not take the running config down
+            logging.exception("reading %s failed unexpectedly", self._source.path)
             self._reject(f"unexpected {type(error).__name__}: {error}")
             return
         if text == self._text_in_force:
@@ -174,44 +190,55 @@ class Supervisor:
         wanted = {p.resource: p for p in plugins}
         for name, running in list(self._running.items()):
             new = wanted.get(name)
-            if new is None or (new.socket, new.plugin_dir) != (running.plugin.socket, running.plugin.plugin_dir):
+            if new is None or new.endpoint != running.plugin.endpoint:
                 self._withdraw(name)  # a moved socket is a new registration
         for name, plugin in wanted.items():
             current = self._running.get(name)
             if current is None:
                 self._start(plugin)
             elif current.plugin != plugin:
-                logging.info("%s: count %d -> %d", name, current.policy.count, plugin.count)
-                current.policy.count = plugin.count
-                current.plugin = plugin
-                current.runner.devices_changed()
+                logging.info("%s: count %d -> %d", name, current.plugin.count, plugin.count)
+                policy = self._policy_for(plugin, current.policy)
+                with self._lock:
+                    current.plugin, current.policy = plugin, policy
+                current.runner.post(PolicyChanged(policy))
 
     def _start(self, plugin: PluginConfig) -> None:
-        policy = TokenPolicy(plugin.resource, plugin.count)
-        runner = PluginRunner(plugin, policy, self._list_and_watch_timeout_s)
-        thread = threading.Thread(
-            target=self._run_plugin, args=(runner,), name=f"plugin {plugin.resource}", daemon=True
+        policy = self._policy_for(plugin, None)
+        runner = PluginRunner(
+            plugin.endpoint,
+            policy,
+            instance=self._instance,
+            watcher=self._watcher,
+            list_and_watch_timeout_s=self._list_and_watch_timeout_s,
         )
+        thread = threading.Thread(target=self._run, args=(runner,), name=f"plugin {plugin.resource}", daemon=True)
         with self._lock:
             self._running[plugin.resource] = _Running(plugin, policy, runner, thread)
         thread.start()
 
+    def _run(self, runner: PluginRunner) -> None:
+        try:
+            runner.run()
+        except Exception:  # a bug: /healthz reports it, so the liveness probe restarts the pod
+            logging.exception("%s: the plugin's event loop failed", runner.endpoint.resource)
+            with self._lock:
+                self._crashed.add(runner.endpoint.resource)
+
     def _withdraw(self, name: str) -> None:
         with self._lock:
             running = self._running.pop(name)
-            self._failures.pop(name, None)
+            self._crashed.discard(name)
         running.runner.stop()
         running.thread.join()
         metrics.forget(name)
 
-    def _run_plugin(self, runner: PluginRunner) -> None:
-        try:
-            runner.run()
-        except CannotServeError as error:
-            logging.error("%s: cannot serve: %s", runner.config.resource, error)
-            with self._lock:
-                self._failures[runner.config.resource] = str(error)
-            self._events.put(_PLUGIN_FAILED)
+    def _withhold(self) -> None:
+        """Before stopping: resources this instance holds with the kubelet (not those a newer
+        instance has taken over) are taken out of the scheduler's view first."""
+        held = [name for name, status in self.statuses().items() if status.phase is not Phase.STANDBY]
+        if held and self._on_stop is not None:
+            self._on_stop(held)
 
 
 def _summary(plugins: tuple[PluginConfig, ...]) -> str:

@@ -2,7 +2,7 @@
 
 Token IDs are item-0 ... item-<N-1>, the same IDs as the original Go plugin, so they stay valid
 in the kubelet's checkpoint across restarts and across a swap of the binary. Everything here is
-pure; the kubelet-facing machinery in device_plugin.py calls it.
+pure; the kubelet-facing machinery (device_plugin, lifecycle) calls it through policy.DevicePolicy.
 """
 
 import collections
@@ -10,7 +10,7 @@ import re
 from collections.abc import Collection, Sequence
 
 from deviceplugin.v1beta1 import api_pb2
-from token_resource.device_plugin import AllocationError
+from token_resource.policy import AllocationError
 
 HEALTHY = "Healthy"
 ID_PREFIX = "item-"
@@ -90,22 +90,29 @@ def env_name(resource: str) -> str:
 
 
 class TokenPolicy:
-    """Serves `count` tokens of `resource`. The count may change at run time (a reload):
-    tokens that stay keep their IDs, and a smaller count drops the highest IDs first."""
+    """Serves `count` tokens of `resource`; immutable, so one value is always (count, snapshot).
 
-    def __init__(self, resource: str, count: int) -> None:
-        self.resource = resource
+    A count change is a new policy from reconfigured(). Tokens that stay keep their IDs, and a
+    smaller count drops the highest IDs first. The kubelet may still pick a dropped ID until it
+    has read the new snapshot, and refusing it would fail that pod's admission, so a policy keeps
+    accepting the IDs of the snapshot it replaced (`accepted`); GetPreferredAllocation never
+    suggests them.
+    """
+
+    def __init__(self, resource: str, count: int, accepted: int | None = None) -> None:
+        self._resource = resource
         self.count = count
+        self.accepted = max(count, accepted or 0)
+        # Built once per policy: at the largest counts a snapshot takes ~0.4 s to build.
+        self._snapshot = snapshot(count)
 
     @property
-    def count(self) -> int:
-        return self._count
+    def resource(self) -> str:
+        return self._resource
 
-    @count.setter
-    def count(self, count: int) -> None:
-        self._count = count
-        # Built once per count: at the largest counts a snapshot takes ~0.4 s to build.
-        self._snapshot = snapshot(count)
+    def reconfigured(self, count: int) -> "TokenPolicy":
+        """The policy for a new count, still accepting this one's IDs (see the class doc)."""
+        return TokenPolicy(self._resource, count, accepted=self.count)
 
     def options(self) -> api_pb2.DevicePluginOptions:
         return OPTIONS
@@ -113,12 +120,12 @@ class TokenPolicy:
     def devices(self) -> api_pb2.ListAndWatchResponse:
         return self._snapshot
 
-    def _check_ids(self, ids: Collection[str], what: str) -> None:
+    def _check_ids(self, ids: Collection[str], what: str, below: int) -> None:
         for token in ids:
-            if not self._has(token):
+            if not self._has(token, below):
                 raise AllocationError(
                     f"{what}: unknown token ID {_quote(token)} for {self.resource}: this node has "
-                    f"{token_id(0)} to {token_id(self.count - 1)}"
+                    f"{token_id(0)} to {token_id(self.accepted - 1)}"
                 )
 
     def allocate(self, ids: Sequence[str]) -> api_pb2.ContainerAllocateResponse:
@@ -131,7 +138,7 @@ class TokenPolicy:
             shown = ", ".join(_quote(token) for token in duplicates[:3])
             more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
             raise AllocationError(f"Allocate: duplicate token IDs {shown}{more}")
-        self._check_ids(ids, "Allocate")
+        self._check_ids(ids, "Allocate", self.accepted)
         held = ",".join(sorted(ids, key=_order))
         return api_pb2.ContainerAllocateResponse(
             envs={env_name(self.resource): held},
@@ -145,10 +152,11 @@ class TokenPolicy:
         would fail the pod's admission. So IDs this node does not have (a count just lowered,
         say) are skipped, and an impossible size gets as close as the offer allows.
         """
-        chosen = [token for token in dict.fromkeys(must_include) if self._has(token)]
-        rest = sorted({token for token in available if self._has(token)} - set(chosen), key=_order)
+        chosen = [token for token in dict.fromkeys(must_include) if self._has(token, self.count)]
+        rest = sorted({token for token in available if self._has(token, self.count)} - set(chosen), key=_order)
         return chosen + rest[: max(0, size - len(chosen))]
 
-    def _has(self, token: str) -> bool:
+    @staticmethod
+    def _has(token: str, below: int) -> bool:
         index = token_index(token)
-        return index is not None and index < self.count
+        return index is not None and index < below
