@@ -10,17 +10,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
 
-from token_resource import config, tokens
+from token_resource import config, drain, kubeapi, tokens
 from token_resource.lifecycle import handle_signals
 from token_resource.plugin_server import CannotServeError
 from token_resource.policy import DevicePolicy
 from token_resource.status import StatusServer
-from token_resource.supervisor import ConfigFile, Supervisor
+from token_resource.supervisor import ConfigFile, Supervisor, Withholder
 
 VERSION = "0.1.0"
 
@@ -55,6 +55,17 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("version", False, "Print the version and exit.")
 flags.DEFINE_integer("loglevel", 0, "Go plugin compatibility: the same as -v.")
+flags.DEFINE_bool(
+    "drain_on_stop",
+    True,
+    "On SIGTERM, take the resources out of the scheduler's view of this node (its status, through the "
+    "Kubernetes API) and let pods already bound to it be admitted before stopping, so none fails "
+    "admission. Needs an in-cluster ServiceAccount token, the node name and the RBAC in k8s/; "
+    "without them it is skipped.",
+)
+flags.DEFINE_float(
+    "drain_timeout", 10.0, "Longest wait on SIGTERM for pods already bound to this node.", lower_bound=0.0
+)
 flags.DEFINE_float(
     "list_and_watch_timeout",
     20.0,
@@ -121,6 +132,31 @@ def token_policy(plugin: config.PluginConfig, previous: DevicePolicy | None) -> 
     return tokens.TokenPolicy(plugin.resource, plugin.count)
 
 
+class _NodeWithholder:
+    def __init__(self, node_drain: drain.NodeDrain, timeout_s: float) -> None:
+        self._drain = node_drain
+        self._timeout_s = timeout_s
+
+    def withhold(self, resources: Sequence[str]) -> None:
+        self._drain.withhold(resources, self._timeout_s)
+
+    def seal(self, resources: Sequence[str]) -> None:
+        self._drain.seal(resources)
+
+
+def _withholder() -> Withholder | None:
+    """The drain on stop, where it can work; says once at start why not otherwise."""
+    if not FLAGS.drain_on_stop:
+        return None
+    api = kubeapi.in_cluster()
+    if api is None or not FLAGS.node_name:
+        missing = "an in-cluster ServiceAccount token" if api is None else "--node_name or $NODE_NAME"
+        logging.info("drain on stop: off (it needs %s)", missing)
+        return None
+    logging.info("drain on stop: on, for node %s", FLAGS.node_name)
+    return _NodeWithholder(drain.NodeDrain(api, FLAGS.node_name), FLAGS.drain_timeout)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -138,6 +174,7 @@ def main(argv: list[str]) -> int:
             source=source,
             source_text=text,
             list_and_watch_timeout_s=FLAGS.list_and_watch_timeout,
+            withholder=_withholder(),
         )
         status = None
         if FLAGS.http_port is not None:

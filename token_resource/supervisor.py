@@ -7,8 +7,9 @@ A new count reaches its runner as one new policy (the runner owns it). A resourc
 serve (its socket is held by another process, say) is retried by its runner and reported in
 /readyz meanwhile, while the others go on.
 
-On stop, resources this instance still holds with the kubelet are first withheld (`on_stop`,
-see drain.py), then every runner stops serving.
+On stop, resources this instance holds with the kubelet (not those a newer instance has taken
+over) are first withheld from the scheduler (`Withholder`, see drain.py), then every runner
+stops serving, then the withholding is sealed.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from absl import logging
 
@@ -27,6 +29,16 @@ from token_resource.policy import DevicePolicy
 
 # The policy for a resource's configuration, given the policy it replaces (None at first).
 PolicyFactory = Callable[[PluginConfig, DevicePolicy | None], DevicePolicy]
+
+
+class Withholder(Protocol):
+    """Keeps new pods that need `resources` away from this node around a planned stop."""
+
+    def withhold(self, resources: Sequence[str]) -> None:
+        """While the plugin still serves: returns once no pod is on its way to the kubelet."""
+
+    def seal(self, resources: Sequence[str]) -> None:
+        """After the plugin stopped serving."""
 
 
 @dataclasses.dataclass
@@ -72,7 +84,7 @@ class Supervisor:
         source: ConfigFile | None = None,
         source_text: str = "",
         list_and_watch_timeout_s: float = 20.0,
-        on_stop: Callable[[Sequence[str]], None] | None = None,
+        withholder: Withholder | None = None,
     ) -> None:
         self._initial = plugins
         self._policy_for = policy_for
@@ -80,7 +92,7 @@ class Supervisor:
         self._source = source
         self._text_in_force = source_text
         self._list_and_watch_timeout_s = list_and_watch_timeout_s
-        self._on_stop = on_stop
+        self._withholder = withholder
         self._events: queue.Queue[str] = queue.Queue()
         self._running: dict[str, _Running] = {}
         self._crashed: set[str] = set()
@@ -106,7 +118,11 @@ class Supervisor:
             while (event := self._events.get()) != _STOP:
                 if event == _RELOAD:
                     self._reload()
-            self._withhold()
+            held = self._held()
+            if held and self._withholder is not None:
+                self._withholder.withhold(held)
+                self._apply(())
+                self._withholder.seal(held)
         finally:
             self._apply(())
             self._watcher.close()
@@ -233,12 +249,14 @@ class Supervisor:
         running.thread.join()
         metrics.forget(name)
 
-    def _withhold(self) -> None:
-        """Before stopping: resources this instance holds with the kubelet (not those a newer
-        instance has taken over) are taken out of the scheduler's view first."""
-        held = [name for name, status in self.statuses().items() if status.phase is not Phase.STANDBY]
-        if held and self._on_stop is not None:
-            self._on_stop(held)
+    def _held(self) -> list[str]:
+        """The resources the kubelet knows from this instance: not those it never registered,
+        nor those a newer instance took over (withholding those would hide the newer one's)."""
+        return [
+            name
+            for name, status in self.statuses().items()
+            if status.phase in (Phase.REGISTERED, Phase.AWAITING_STREAM)
+        ]
 
 
 def _summary(plugins: tuple[PluginConfig, ...]) -> str:
