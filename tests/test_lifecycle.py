@@ -17,9 +17,11 @@ import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pluginregistration.v1 import api_pb2 as registration_pb2
+from pluginregistration.v1 import api_pb2_grpc as registration_pb2_grpc
 from tests.daemon import short_tempdir
 from token_resource import lifecycle
-from token_resource.kubelet import Endpoint
+from token_resource.kubelet import Endpoint, Registration
 from token_resource.lifecycle import DirectoryChanged, Phase, PluginRunner, StreamClosed, StreamOpened
 from token_resource.policy import AllocationError
 from token_resource.watch import flags
@@ -384,3 +386,95 @@ def test_the_newest_instance_removes_dead_siblings_sockets(make_runner, plugin_d
     runner = make_runner(instance=2)
     runner.start()
     assert not os.path.exists(dead)
+
+
+# Registration through the plugin watcher: the kubelet finds the socket; nothing calls Register. --
+
+
+@pytest.fixture
+def registry_dir() -> Iterator[str]:
+    directory = short_tempdir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def watched(make_runner, plugin_dir, registry_dir):
+    """A runner in plugin-watcher mode, serving, with a clock the test moves."""
+    kubelet = ScriptedKubelet()
+    clock = Clock()
+    runner = PluginRunner(
+        Endpoint(
+            RESOURCE, "widget.sock", plugin_dir, registration=Registration.PLUGIN_WATCHER, registry_dir=registry_dir
+        ),
+        StaticPolicy(["a"]),
+        instance=1,
+        clock=clock,
+        register=kubelet,
+        rng=random.Random(7),
+    )
+    runner.start()
+    yield runner, clock, kubelet
+    runner.handle(lifecycle.Stop())
+
+
+def get_info(runner: PluginRunner) -> registration_pb2.PluginInfo:
+    """The plugin watcher's GetInfo, over the real socket."""
+    with grpc.insecure_channel(f"unix://{runner.server.path}") as channel:
+        info = registration_pb2_grpc.RegistrationStub(channel).GetInfo(registration_pb2.InfoRequest(), timeout=1)
+    runner.handle_queued()
+    return info
+
+
+def test_watcher_mode_serves_in_the_registry_and_never_calls_register(watched, registry_dir):
+    runner, _, kubelet = watched
+    assert os.listdir(registry_dir) == ["widget.sock"]  # a fixed name: the kubelet keys it by path
+    info = get_info(runner)
+    assert (info.type, info.name, info.endpoint, list(info.supported_versions)) == (
+        "DevicePlugin",
+        RESOURCE,
+        "",  # this very socket serves the DevicePlugin service too
+        ["v1beta1"],
+    )
+    runner.handle(StreamOpened(runner.server.servicer, 1))  # the kubelet opens it before it notifies
+    runner.handle(lifecycle.RegistrationStatus(True, ""))
+    assert runner.phase is Phase.REGISTERED and kubelet.calls == []
+
+
+def test_watcher_mode_waits_for_a_restarted_kubelet_to_find_it_again(watched):
+    runner, _, kubelet = watched
+    get_info(runner)
+    runner.handle(lifecycle.RegistrationStatus(True, ""))
+    runner.handle(StreamOpened(runner.server.servicer, 1))
+    served = runner.server
+    runner.handle(StreamClosed(runner.server.servicer, 1))
+    assert runner.phase is Phase.REGISTERING and runner.server is served  # no new socket, no Register
+    assert runner._timeout() == lifecycle.WATCHER_TIMEOUT_S
+    get_info(runner)
+    runner.handle(StreamOpened(runner.server.servicer, 2))
+    runner.handle(lifecycle.RegistrationStatus(True, ""))
+    assert runner.phase is Phase.REGISTERED and runner.server is served and kubelet.calls == []
+
+
+def test_watcher_mode_recreates_the_socket_when_the_kubelet_refuses(watched):
+    runner, clock, _ = watched
+    get_info(runner)
+    served = runner.server
+    runner.handle(lifecycle.RegistrationStatus(False, "RegisterPlugin error -- failed to dial"))
+    assert runner.phase is Phase.REGISTERING and runner.server is not served  # at once, the first time
+    assert "failed to dial" in runner.status().problem
+    runner.handle(lifecycle.RegistrationStatus(False, "RegisterPlugin error -- failed to dial"))
+    assert runner.phase is Phase.UNSERVED  # then with back-off
+    assert 0.25 <= runner._timeout() <= 0.5
+    clock.now += runner._timeout()
+    runner.handle(None)
+    assert runner.phase is Phase.REGISTERING and runner.server.owns_socket()
+
+
+def test_watcher_mode_recreates_the_socket_when_nobody_asks(watched):
+    runner, clock, _ = watched
+    served = runner.server
+    clock.now += lifecycle.WATCHER_TIMEOUT_S
+    runner.handle(None)
+    assert runner.server is not served and runner.phase is Phase.REGISTERING
+    assert "did not ask for GetInfo" in runner.status().problem

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from token_resource import tokens
-from token_resource.kubelet import KUBELET_SOCKET, Endpoint
+from token_resource.kubelet import DEFAULT_REGISTRY_DIR, KUBELET_SOCKET, Endpoint, Registration
 
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_SOCKET = "token-resource.sock"
@@ -41,10 +41,24 @@ class PluginConfig:
     socket: str
     plugin_dir: str = DEFAULT_PLUGIN_DIR
     per_instance: bool = False
+    registration: Registration = Registration.KUBELET
+    registry_dir: str = DEFAULT_REGISTRY_DIR
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.resource, self.socket, self.plugin_dir, self.per_instance)
+        return Endpoint(
+            self.resource, self.socket, self.plugin_dir, self.per_instance, self.registration, self.registry_dir
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the kubelet's directories are on this node, and the registration to use where a
+    resource does not choose one."""
+
+    plugin_dir: str = DEFAULT_PLUGIN_DIR
+    registry_dir: str = DEFAULT_REGISTRY_DIR
+    registration: Registration = Registration.KUBELET
 
 
 def check_resource_name(name: str) -> None:
@@ -103,10 +117,18 @@ def default_socket(resource: str) -> str:
     return f"token-resource-{resource.replace('/', '_')}.sock"
 
 
-_RESOURCE_KEYS = {"name", "count", "socket", "nodes"}
+def parse_registration(value: object) -> Registration:
+    for registration in Registration:
+        if value == registration.value:
+            return registration
+    choices = " or ".join(r.value for r in Registration)
+    raise ConfigError(f"registration must be {choices}, not {value!r}")
 
 
-def parse_config(text: str, plugin_dir: str, node_name: str | None) -> tuple[PluginConfig, ...]:
+_RESOURCE_KEYS = {"name", "count", "socket", "nodes", "registration"}
+
+
+def parse_config(text: str, placement: Placement, node_name: str | None) -> tuple[PluginConfig, ...]:
     """The resources a configuration file declares, with the counts for `node_name`.
 
     Raises ConfigError naming the offending entry; the file is accepted or refused whole.
@@ -124,7 +146,7 @@ def parse_config(text: str, plugin_dir: str, node_name: str | None) -> tuple[Plu
         raise ConfigError(f"unknown top-level key(s) {_names(unknown)}; the only key is resources")
     if not document["resources"]:
         raise ConfigError("resources is empty; declare at least one resource")
-    plugins = [_parse_resource(i, entry, plugin_dir, node_name) for i, entry in enumerate(document["resources"])]
+    plugins = [_parse_resource(i, entry, placement, node_name) for i, entry in enumerate(document["resources"])]
     for attribute in ("resource", "socket"):
         values = [getattr(p, attribute) for p in plugins]
         duplicates = sorted({v for v in values if values.count(v) > 1})
@@ -144,7 +166,7 @@ def _names(keys: set[Any]) -> list[str]:
     return sorted(map(str, keys))
 
 
-def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | None) -> PluginConfig:
+def _parse_resource(index: int, entry: Any, placement: Placement, node_name: str | None) -> PluginConfig:
     where = f"resources[{index}]"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a mapping with name and count")
@@ -170,12 +192,21 @@ def _parse_resource(index: int, entry: Any, plugin_dir: str, node_name: str | No
         if not isinstance(socket, str):
             raise ConfigError(f"{where}: socket must be a file name")
         check_socket_name(socket)
+        registration = parse_registration(entry.get("registration", placement.registration.value))
     except ConfigError as error:
         message = str(error)
         raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
     if node_name is not None and node_name in overrides:
         count = overrides[node_name]
-    plugin = PluginConfig(resource=name, count=count, socket=socket, plugin_dir=plugin_dir, per_instance=per_instance)
+    plugin = PluginConfig(
+        resource=name,
+        count=count,
+        socket=socket,
+        plugin_dir=placement.plugin_dir,
+        per_instance=per_instance,
+        registration=registration,
+        registry_dir=placement.registry_dir,
+    )
     check_plugin(plugin)
     return plugin
 

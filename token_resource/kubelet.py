@@ -18,6 +18,7 @@ from token_resource import watch
 
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
+DEFAULT_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
 # The kubelet (1.25+) dials back and calls GetDevicePluginOptions before it answers, allowing
 # itself 10 s for the dial: wait well beyond that.
 REGISTER_TIMEOUT_S = 30.0
@@ -27,32 +28,45 @@ INSTANCE_DIGITS = 19
 DIRECTORY_MASK = watch.flags.CREATE | watch.flags.DELETE | watch.flags.MOVED_FROM | watch.flags.MOVED_TO | watch.GONE
 
 
+class Registration(enum.Enum):
+    KUBELET = "kubelet"  # Register on kubelet.sock
+    PLUGIN_WATCHER = "plugin_watcher"  # a socket in plugins_registry that the kubelet finds
+
+
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
-    """Where one resource is served in the kubelet's device-plugin directory.
+    """Where one resource is served, and how the kubelet learns of it.
 
-    With `per_instance`, `socket` is a base name and each process serves on its own
-    `<stem>.<instance>.sock`, so two instances (a surge upgrade) never contend for one file and
-    the newer one can take over; otherwise `socket` is used as it is.
+    With Registration.KUBELET the socket is in the device-plugin directory. With `per_instance`,
+    `socket` is then a base name and each process serves on its own `<stem>.<instance>.sock`, so
+    two instances (a surge upgrade) never contend for one file and the newer one can take over;
+    otherwise `socket` is used as it is. With Registration.PLUGIN_WATCHER the socket is in the
+    registry directory, always under its given name (see plugin_watcher.py).
     """
 
     resource: str
     socket: str
     plugin_dir: str
     per_instance: bool = False
+    registration: Registration = Registration.KUBELET
+    registry_dir: str = DEFAULT_REGISTRY_DIR
 
     @property
     def kubelet_socket_path(self) -> str:
         return os.path.join(self.plugin_dir, KUBELET_SOCKET)
 
+    @property
+    def socket_dir(self) -> str:
+        return self.registry_dir if self.registration is Registration.PLUGIN_WATCHER else self.plugin_dir
+
     def socket_name(self, instance: int) -> str:
-        if not self.per_instance:
+        if not self.per_instance or self.registration is Registration.PLUGIN_WATCHER:
             return self.socket
         return f"{self._stem}.{instance}.sock"
 
     def instance_of(self, name: str) -> int | None:
         """The instance number of a sibling's socket name, or None if `name` is not one."""
-        if not self.per_instance:
+        if not self.per_instance or self.registration is Registration.PLUGIN_WATCHER:
             return None
         match = re.fullmatch(re.escape(self._stem) + r"\.([0-9]{1,19})\.sock", name)
         return int(match.group(1)) if match else None
@@ -60,7 +74,7 @@ class Endpoint:
     @property
     def longest_socket_path(self) -> str:
         """The longest path the plugin binds: its staging name (see staging_name)."""
-        return os.path.join(self.plugin_dir, staging_name(self.socket_name(10**INSTANCE_DIGITS - 1)))
+        return os.path.join(self.socket_dir, staging_name(self.socket_name(10**INSTANCE_DIGITS - 1)))
 
     @property
     def _stem(self) -> str:

@@ -34,8 +34,9 @@ from absl import logging
 from token_resource import kubelet, metrics, watch
 from token_resource.device_plugin import DevicePluginServicer
 from token_resource.handoff import HandoffService, SuccessorWatch
-from token_resource.kubelet import DirectoryEvent, Endpoint
+from token_resource.kubelet import DirectoryEvent, Endpoint, Registration
 from token_resource.plugin_server import CannotServeError, PluginServer, is_live, remove_if_stale
+from token_resource.plugin_watcher import RegistrationService
 from token_resource.policy import DevicePolicy
 
 BACKOFF_FIRST_S = 0.5
@@ -43,6 +44,9 @@ BACKOFF_CAP_S = 10.0
 # A kubelet stream that ends sooner than this after opening counts as a failed registration
 # (back-off grows), so a kubelet that keeps dropping streams is not met with a Register loop.
 STABLE_STREAM_S = 10.0
+# Plugin watcher: how long to wait to be found (GetInfo) before re-creating the socket. Longer
+# than a kubelet start (~6 s on 1.20), after which the kubelet walks the registry directory.
+WATCHER_TIMEOUT_S = 30.0
 
 
 class Phase(enum.Enum):
@@ -124,6 +128,19 @@ class SuccessorGone:
     instance: int
 
 
+@dataclasses.dataclass(frozen=True)
+class InfoRequested:
+    """The plugin watcher asked for GetInfo: the kubelet is registering this socket."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationStatus:
+    """The plugin watcher's NotifyRegistrationStatus."""
+
+    registered: bool
+    error: str
+
+
 Event = (
     Stop
     | DirectoryChanged
@@ -133,6 +150,8 @@ Event = (
     | PolicyChanged
     | SuccessorState
     | SuccessorGone
+    | InfoRequested
+    | RegistrationStatus
 )
 
 RegisterCall = Callable[[str, str, str, Any], Any]
@@ -158,7 +177,8 @@ class PluginRunner:
         self.socket = endpoint.socket_name(instance)
         self.policy = policy
         self._resource = endpoint.resource
-        self._socket_path = os.path.join(endpoint.plugin_dir, self.socket)
+        self._socket_path = os.path.join(endpoint.socket_dir, self.socket)
+        self._watcher_mode = endpoint.registration is Registration.PLUGIN_WATCHER
         self._watcher = watcher
         self._subscription: watch.Subscription | None = None
         self._list_and_watch_timeout_s = list_and_watch_timeout_s
@@ -200,6 +220,12 @@ class PluginRunner:
 
     def stream_closed(self, servicer: DevicePluginServicer, stream: int) -> None:
         self.post(StreamClosed(servicer, stream))
+
+    def info_requested(self) -> None:
+        self.post(InfoRequested())
+
+    def registration_status(self, registered: bool, error: str) -> None:
+        self.post(RegistrationStatus(registered, error))
 
     # The loop -------------------------------------------------------------------------------
 
@@ -258,6 +284,10 @@ class PluginRunner:
                 self._successor_gone()
             case SuccessorState() | SuccessorGone():
                 pass  # from a successor we no longer follow
+            case InfoRequested():
+                self._info_requested()
+            case RegistrationStatus(registered, error):
+                self._registration_status(registered, error)
         self._converge()
         self._publish_status()
 
@@ -274,8 +304,12 @@ class PluginRunner:
         """Acts on the real state: our socket, and the deadlines of the current phase."""
         if self.phase is Phase.STOPPED:
             return
+        if self._watcher_mode:
+            self._converge_watcher(self._now())  # may drop the socket, to serve a new one below
         if self.server is None or not self.server.owns_socket():
             self._serve()
+        if self._watcher_mode:
+            return
         now = self._now()
         if self.phase is Phase.AWAITING_STREAM and self._stream_deadline is not None and now >= self._stream_deadline:
             logging.warning(
@@ -313,8 +347,9 @@ class PluginRunner:
         if not self._watching_directory():
             return
         servicer = DevicePluginServicer(self.policy, self)
+        registration = RegistrationService(self._resource, self) if self._watcher_mode else None
         try:
-            new = PluginServer(self._socket_path, servicer, HandoffService(self.instance, self._resource))
+            new = PluginServer(self._socket_path, servicer, HandoffService(self.instance, self._resource), registration)
         except CannotServeError as error:
             if old is not None:
                 self._stop_server()
@@ -327,15 +362,19 @@ class PluginRunner:
         else:
             logging.info("%s: serving on %s", self._resource, self._socket_path)
         self.server = new
-        self._problem = None
+        if not self._watcher_mode:  # there, a refusal stays shown until the kubelet accepts
+            self._problem = None
         self._kubelet_stream = None
         metrics.TOKENS.labels(self._resource).set(len(self.policy.devices().devices))
         if self.phase is Phase.STANDBY:
             return  # the newer instance registers; we only keep a socket to take over from
         self._set_phase(Phase.REGISTERING)
         self._cancel_pending()
-        self._restart_backoff()
         new.handoff.set_registered(False)
+        if self._watcher_mode:
+            self._await_watcher()  # the back-off resets only when the kubelet accepts
+        else:
+            self._restart_backoff()
 
     def _cannot_serve(self, problem: str) -> None:
         if problem != self._problem:
@@ -350,12 +389,12 @@ class PluginRunner:
             return True
         try:
             self._subscription = self._watcher.subscribe(
-                self.endpoint.plugin_dir,
+                self.endpoint.socket_dir,
                 kubelet.DIRECTORY_MASK,
                 lambda name, mask: self.post(DirectoryChanged(name, mask)),
             )
         except OSError as error:
-            self._cannot_serve(f"cannot watch {self.endpoint.plugin_dir}: {error.strerror}")
+            self._cannot_serve(f"cannot watch {self.endpoint.socket_dir}: {error.strerror}")
             return False
         return True
 
@@ -388,8 +427,8 @@ class PluginRunner:
             case DirectoryEvent.DIRECTORY_REMOVED:
                 self._subscription = None  # the kernel dropped the watch with the directory
                 self._stop_server()
-                self._cannot_serve(f"the device-plugin directory {self.endpoint.plugin_dir} was removed")
-            case DirectoryEvent.KUBELET_SOCKET_CREATED:
+                self._cannot_serve(f"the directory {self.endpoint.socket_dir} was removed")
+            case DirectoryEvent.KUBELET_SOCKET_CREATED if not self._watcher_mode:
                 self._kubelet_socket_created()
             case DirectoryEvent.SOCKET_CREATED if (self.endpoint.instance_of(name) or 0) > self.instance:
                 self._follow_newest_sibling()
@@ -415,7 +454,7 @@ class PluginRunner:
     def _stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
         if self._kubelet_stream is not None or self.phase not in (Phase.REGISTERING, Phase.AWAITING_STREAM):
             return  # not the first stream since our Register: not the kubelet's answer to it
-        if self.phase is Phase.REGISTERING and self._pending is None:
+        if self.phase is Phase.REGISTERING and self._pending is None and not self._watcher_mode:
             return  # no Register since the last one ended: a tool's stream
         self._kubelet_stream = (servicer, stream)
         self._kubelet_stream_opened = self._now()
@@ -429,6 +468,12 @@ class PluginRunner:
         if self._successor_registered:
             logging.info("%s: the kubelet's ListAndWatch stream ended; a newer instance is registered", self._resource)
             self._standby()
+            return
+        if self._watcher_mode:
+            # A kubelet restart: the new kubelet finds the socket again by itself.
+            logging.info("%s: the kubelet's ListAndWatch stream ended; waiting to be found again", self._resource)
+            self._set_phase(Phase.REGISTERING)
+            self._await_watcher()
             return
         logging.info(
             "%s: the kubelet's ListAndWatch stream ended after %.1f s; registering again", self._resource, lived
@@ -515,6 +560,49 @@ class PluginRunner:
         self._failures += 1
         self._next_attempt = self._now() + delay
         return delay
+
+    # Registration through the plugin watcher ----------------------------------------------------
+
+    def _await_watcher(self) -> None:
+        self._next_attempt = self._now() + WATCHER_TIMEOUT_S
+
+    def _converge_watcher(self, now: float) -> None:
+        if self.phase is Phase.AWAITING_STREAM and self._stream_deadline is not None and now >= self._stream_deadline:
+            self._recreate_socket("the kubelet accepted the registration but did not call ListAndWatch")
+        elif self.phase is Phase.REGISTERING and now >= self._next_attempt:
+            self._recreate_socket(f"the kubelet did not ask for GetInfo within {WATCHER_TIMEOUT_S:.0f} s")
+
+    def _info_requested(self) -> None:
+        if self.phase is Phase.REGISTERING:
+            logging.info("%s: the kubelet's plugin watcher found %s", self._resource, self._socket_path)
+            self._await_watcher()  # it dials and calls GetDevicePluginOptions next; allow it time
+
+    def _registration_status(self, registered: bool, error: str) -> None:
+        if self.phase not in (Phase.REGISTERING, Phase.AWAITING_STREAM):
+            return
+        if not registered:
+            metrics.REGISTRATION_FAILURES.labels(self._resource).inc()
+            self._recreate_socket(f"the kubelet refused the registration: {error}")
+            return
+        metrics.REGISTRATIONS.labels(self._resource).inc()
+        self._restart_backoff()
+        self._problem = None
+        logging.info("%s: registered with the kubelet through the plugin watcher", self._resource)
+        if self._kubelet_stream is not None:
+            self._registered()
+        else:
+            self._set_phase(Phase.AWAITING_STREAM)
+            self._stream_deadline = self._now() + self._list_and_watch_timeout_s
+
+    def _recreate_socket(self, why: str) -> None:
+        """The kubelet will not come back to this socket by itself: remove it (the kubelet
+        deregisters it) and serve a new one, with back-off, for its watcher to find."""
+        delay = self._back_off()
+        logging.warning("%s: %s; re-creating %s in %.1f s", self._resource, why, self._socket_path, delay)
+        self._problem = why
+        self._stream_deadline = None
+        self._stop_server()
+        self._set_phase(Phase.UNSERVED)
 
     # The policy -------------------------------------------------------------------------------
 

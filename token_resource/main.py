@@ -16,6 +16,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from token_resource import config, drain, kubeapi, tokens
+from token_resource.kubelet import DEFAULT_REGISTRY_DIR, Registration
 from token_resource.lifecycle import handle_signals
 from token_resource.plugin_server import CannotServeError
 from token_resource.policy import DevicePolicy
@@ -34,6 +35,19 @@ flags.DEFINE_string(
     "token-resource.<instance>.sock, so a newer instance can take over from an older one.",
 )
 flags.DEFINE_string("plugin_dir", config.DEFAULT_PLUGIN_DIR, "The kubelet's device-plugin directory.")
+flags.DEFINE_enum(
+    "registration",
+    "kubelet",
+    [r.value for r in Registration],
+    "How the kubelet learns of the plugin: kubelet (Register on kubelet.sock in --plugin_dir) or "
+    "plugin_watcher (a socket in --plugins_registry_dir that the kubelet finds). With --config, the "
+    "default for resources that do not set registration.",
+)
+flags.DEFINE_string(
+    "plugins_registry_dir",
+    DEFAULT_REGISTRY_DIR,
+    "The kubelet's plugin-watcher directory, for --registration=plugin_watcher.",
+)
 flags.DEFINE_string(
     "config",
     None,
@@ -96,34 +110,48 @@ def _plugins() -> tuple[tuple[config.PluginConfig, ...], ConfigFile | None, str]
     """What to serve: from --config, or the single resource the flags describe."""
     # Absolute, because the gRPC target unix://<path> would read a relative path's first
     # component as an authority.
-    plugin_dir = os.path.abspath(FLAGS.plugin_dir)
-    _check_plugin_dir(plugin_dir)
+    placement = config.Placement(
+        os.path.abspath(FLAGS.plugin_dir),
+        os.path.abspath(FLAGS.plugins_registry_dir),
+        config.parse_registration(FLAGS.registration),
+    )
     if FLAGS.config is None:
-        per_instance = not FLAGS["socket"].present
-        plugin = config.PluginConfig(FLAGS.resource, FLAGS.count, FLAGS.socket, plugin_dir, per_instance)
+        plugin = config.PluginConfig(
+            FLAGS.resource,
+            FLAGS.count,
+            FLAGS.socket,
+            placement.plugin_dir,
+            per_instance=not FLAGS["socket"].present,
+            registration=placement.registration,
+            registry_dir=placement.registry_dir,
+        )
         config.check_plugin(plugin)
-        return (plugin,), None, ""
-    given = [f"--{name}" for name in ("count", "resource", "socket") if FLAGS[name].present]
-    if given:
-        raise config.ConfigError(f"--config declares the resources; drop {', '.join(given)}")
-    source = ConfigFile(FLAGS.config, plugin_dir, FLAGS.node_name)
-    try:
-        text, plugins = source.load()
-    except config.ConfigError as error:
-        raise config.ConfigError(f"{FLAGS.config}: {error}") from None
+        plugins: tuple[config.PluginConfig, ...] = (plugin,)
+        source, text = None, ""
+    else:
+        given = [f"--{name}" for name in ("count", "resource", "socket") if FLAGS[name].present]
+        if given:
+            raise config.ConfigError(f"--config declares the resources; drop {', '.join(given)}")
+        source = ConfigFile(FLAGS.config, placement, FLAGS.node_name)
+        try:
+            text, plugins = source.load()
+        except config.ConfigError as error:
+            raise config.ConfigError(f"{FLAGS.config}: {error}") from None
+    for directory in sorted({p.endpoint.socket_dir for p in plugins}):
+        _check_directory(directory, "--plugin_dir" if directory == placement.plugin_dir else "--plugins_registry_dir")
     return plugins, source, text
 
 
-def _check_plugin_dir(plugin_dir: str) -> None:
-    """A wrong --plugin_dir or a missing mount is a deployment mistake: say so at once. (Later,
-    the directory going away is waited out: the kubelet re-creates it.)"""
-    if not os.path.isdir(plugin_dir):
+def _check_directory(directory: str, flag: str) -> None:
+    """A wrong directory or a missing mount is a deployment mistake: say so at once. (Later, the
+    directory going away is waited out: the kubelet re-creates it.)"""
+    if not os.path.isdir(directory):
+        what = "device-plugin" if flag == "--plugin_dir" else "plugin-watcher"
         raise config.ConfigError(
-            f"the device-plugin directory {plugin_dir} does not exist (is the kubelet's directory mounted? "
-            "see --plugin_dir)"
+            f"the {what} directory {directory} does not exist (is the kubelet's directory mounted? see {flag})"
         )
-    if not os.access(plugin_dir, os.W_OK | os.X_OK):
-        raise config.ConfigError(f"cannot create the socket in {plugin_dir}: is {plugin_dir} writable?")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise config.ConfigError(f"cannot create the socket in {directory}: is {directory} writable?")
 
 
 def token_policy(plugin: config.PluginConfig, previous: DevicePolicy | None) -> DevicePolicy:
@@ -183,7 +211,7 @@ def main(argv: list[str]) -> int:
                 FLAGS.http_port,
                 supervisor.statuses,
                 lambda: supervisor.reload_error,
-                lambda: {p.plugin_dir for p in supervisor.plugins()},
+                lambda: {p.endpoint.socket_dir for p in supervisor.plugins()},
             )
     except (config.ConfigError, OSError) as error:
         return _fail(str(error) if isinstance(error, config.ConfigError) else f"--http_port: {error.strerror}")

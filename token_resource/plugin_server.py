@@ -1,7 +1,8 @@
 """One plugin socket and the gRPC server behind it.
 
 A `PluginServer` claims its socket file (a stale one left by a dead process is removed, a live
-one is never taken over), serves the DevicePlugin and Handoff services on it, and when stopped
+one is never taken over), serves the DevicePlugin and Handoff services on it (and the plugin
+watcher's Registration service, in that mode), and when stopped
 removes the socket only if the path still names the file it created: never the kubelet's, and
 never a newer instance's.
 """
@@ -18,6 +19,7 @@ from absl import logging
 from token_resource.device_plugin import DevicePluginServicer
 from token_resource.handoff import HandoffService
 from token_resource.kubelet import staging_name
+from token_resource.plugin_watcher import RegistrationService
 
 # A stream pins a worker; leave room for overlapping streams during re-registration and for
 # the unary calls, which the kubelet must never find queued behind them. Tuned with
@@ -64,7 +66,13 @@ def remove_if_stale(path: str) -> bool:
 
 
 class PluginServer:
-    def __init__(self, path: str, servicer: DevicePluginServicer, handoff: HandoffService) -> None:
+    def __init__(
+        self,
+        path: str,
+        servicer: DevicePluginServicer,
+        handoff: HandoffService,
+        registration: RegistrationService | None = None,
+    ) -> None:
         self.path = path
         self.servicer = servicer
         self.handoff = handoff
@@ -77,6 +85,8 @@ class PluginServer:
         )
         servicer.add_to_server(self._server)
         handoff.add_to_server(self._server)
+        if registration is not None:
+            registration.add_to_server(self._server)
         staging = os.path.join(directory, staging_name(os.path.basename(path)))
         try:
             self._server.add_insecure_port(f"unix:{staging}")
@@ -106,8 +116,8 @@ class PluginServer:
 def _check_directory(directory: str) -> None:
     if not os.path.isdir(directory):
         raise CannotServeError(
-            f"the device-plugin directory {directory} does not exist (is the kubelet's directory mounted? "
-            "see --plugin_dir)"
+            f"the directory {directory} does not exist (is the kubelet's directory mounted? "
+            "see --plugin_dir and --plugins_registry_dir)"
         )
 
 

@@ -54,7 +54,7 @@ class ConfigFile:
     """Where the configuration comes from when it is a file."""
 
     path: str
-    plugin_dir: str
+    placement: config.Placement
     node_name: str | None
 
     def load(self) -> tuple[str, tuple[PluginConfig, ...]]:
@@ -65,7 +65,7 @@ class ConfigFile:
             raise ConfigError(f"cannot read it: {error.strerror}") from None
         except UnicodeDecodeError as error:
             raise ConfigError(f"not UTF-8 text (byte {error.start})") from None
-        return text, config.parse_config(text, self.plugin_dir, self.node_name)
+        return text, config.parse_config(text, self.placement, self.node_name)
 
 
 _STOP = "stop"
