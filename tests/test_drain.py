@@ -116,7 +116,7 @@ class FakeAPIServer:
         if h.command == "PATCH":
             return self.status(h, 404, "NotFound", f'nodes "{url.path.split("/")[4]}" not found')
         if url.path == "/api/v1/pods":
-            assert query["fieldSelector"] == SELECTOR
+            assert query["fieldSelector"] == SELECTOR and query["resourceVersion"] == "0"
             return self.send(h, 200, {"kind": "PodList", "items": list(self.pods)})
         if url.path == "/api/v1/nodes" and query.get("watch") == "1":
             assert query["fieldSelector"] == f"metadata.name={NODE}"
@@ -317,13 +317,13 @@ def test_unknown_node_is_skipped(server, api):
 
 
 def test_the_token_is_read_again_for_each_request(server, api, tmp_path):
-    api.get("/api/v1/pods", {"fieldSelector": SELECTOR})
+    api.get("/api/v1/pods", {"fieldSelector": SELECTOR, "resourceVersion": "0"})
     (tmp_path / "token").write_text("rotated")
     with pytest.raises(KubeAPIError) as error:
-        api.get("/api/v1/pods", {"fieldSelector": SELECTOR})
+        api.get("/api/v1/pods", {"fieldSelector": SELECTOR, "resourceVersion": "0"})
     assert error.value.status == 401 and str(error.value) == "GET /api/v1/pods: 401 Unauthorized: Unauthorized"
     server.token = "rotated"
-    assert api.list("/api/v1/pods", SELECTOR) == []
+    assert api.list("/api/v1/pods", SELECTOR, resource_version="0") == []
 
 
 def test_a_bad_ca_file_is_an_error_of_the_request(tmp_path):

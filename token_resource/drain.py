@@ -186,8 +186,14 @@ class NodeDrain:
         last_error = ""
         while True:
             try:
+                # From the API server's cache (indexed by node): a poll several times a second from
+                # each draining node must not reach etcd, and a cache a moment behind only
+                # makes the wait a poll longer.
                 pods = self._api.list(
-                    "/api/v1/pods", _LIVE_PODS.format(self._node), timeout_s=_remaining(deadline, self._poll_s)
+                    "/api/v1/pods",
+                    _LIVE_PODS.format(self._node),
+                    timeout_s=_remaining(deadline, self._poll_s),
+                    resource_version="0",
                 )
             except KubeAPIError as error:
                 if error.status == 403:

@@ -75,9 +75,18 @@ class KubeAPI:
     def get(self, path: str, params: Mapping[str, str] | None = None, timeout_s: float | None = None) -> JSON:
         return self._request("GET", path, params, timeout_s=timeout_s)
 
-    def list(self, path: str, field_selector: str | None = None, timeout_s: float | None = None) -> list[JSON]:
-        """The items of a collection, e.g. list("/api/v1/pods", "spec.nodeName=n1")."""
-        params = {"fieldSelector": field_selector} if field_selector else None
+    def list(
+        self,
+        path: str,
+        field_selector: str | None = None,
+        timeout_s: float | None = None,
+        resource_version: str | None = None,
+    ) -> list[JSON]:
+        """The items of a collection, e.g. list("/api/v1/pods", "spec.nodeName=n1"). With
+        resource_version "0" the API server answers from its watch cache instead of etcd."""
+        params = {"fieldSelector": field_selector} if field_selector else {}
+        if resource_version is not None:
+            params["resourceVersion"] = resource_version
         return list(self._request("GET", path, params, timeout_s=timeout_s).get("items") or [])
 
     def patch(
