@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from kube import CheckFailedError, Kubectl, poll
+
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 NAMESPACE = "token-resource"
 RESOURCE = "example.com/token"
@@ -58,40 +60,6 @@ def _absl_time(line: str) -> float | None:
 
 def _when(seconds: float | None) -> str:
     return f"{seconds:6.1f}s" if seconds is not None else " " * 7
-
-
-class CheckFailedError(Exception):
-    """A check that did not hold; the message says what was expected and what was seen."""
-
-
-class Kubectl:
-    def __init__(self, binary: str, kubeconfig: str | None):
-        self.base = [binary] + ([f"--kubeconfig={kubeconfig}"] if kubeconfig else [])
-
-    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        result = subprocess.run(
-            [*self.base, *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
-        )
-        if check and result.returncode != 0:
-            raise CheckFailedError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
-        return result.stdout
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.run(*args, "-o", "json"))
-
-
-def poll(what: str, timeout: float, probe, interval: float = 0.5):
-    """Calls probe() until it returns something truthy; CheckFailedError with its last answer after timeout.
-
-    probe returns (value, detail): value truthy means done; detail describes the state seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value, detail = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise CheckFailedError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {detail}")
-        time.sleep(interval)
 
 
 class Acceptance:
