@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import re
+import sys
+from typing import Any
 
 from bazel.oci import layout as oci
 
@@ -38,41 +40,43 @@ def merge_env(base: list[str], updates: dict[str, str]) -> list[str]:
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--settings", required=True)
-    parser.add_argument("--base", help="the base image's OCI layout")
-    parser.add_argument("--layer", action="append", default=[], help="a .tar.gz layer, in order")
-    parser.add_argument("--stamp_info", action="append", default=[])
-    parser.add_argument("--output", required=True, help="the OCI layout directory to write")
-    parser.add_argument("--digest", help="write the manifest digest here")
-    args = parser.parse_args()
-    with open(args.settings) as f:
-        settings = json.load(f)
-    status = read_status(args.stamp_info)
-
-    out = oci.Layout.create(args.output)
-    config = {"architecture": "", "os": "", "config": {}, "rootfs": {"type": "layers", "diff_ids": []}, "history": []}
-    layers: list[dict] = []
+def assemble(
+    settings: dict[str, Any],
+    base_dir: str | None,
+    layer_paths: list[str],
+    status: dict[str, str],
+    output: str,
+    digest_file: str | None,
+) -> None:
+    """Writes the image layout `output`: the base image's layers (if any), then `layer_paths`."""
+    out = oci.Layout.create(output)
+    config: dict[str, Any] = {
+        "architecture": "",
+        "os": "",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [],
+    }
+    layers: list[oci.Descriptor] = []
     annotations: dict[str, str] = {}
-    if args.base:
-        base = oci.Layout(args.base)
+    if base_dir:
+        base = oci.Layout(base_dir)
         descriptor = base.top()
         if descriptor["mediaType"] in oci.INDEX_TYPES:
-            raise SystemExit("oci_image: base must be a single-platform image, not an index")
-        manifest = base.read_json(descriptor["digest"])
-        config = base.read_json(manifest["config"]["digest"])
+            raise oci.OciError("oci_image: base must be a single-platform image, not an index")
+        base_manifest = base.read_json(descriptor["digest"])
+        config = base.read_json(base_manifest["config"]["digest"])
         config.setdefault("history", [])
-        for layer in manifest["layers"]:
+        for layer in base_manifest["layers"]:
             out.copy_blob(base, layer["digest"])
             layers.append(layer)
-        annotations.update(manifest.get("annotations", {}))
+        annotations.update(base_manifest.get("annotations", {}))
 
     for key in ("os", "architecture", "variant"):
         if settings.get(key):
             config[key] = settings[key]
     if not config.get("os") or not config.get("architecture"):
-        raise SystemExit("oci_image: set os and architecture (or use a base image)")
+        raise oci.OciError("oci_image: set os and architecture (or use a base image)")
     run = config.setdefault("config", {})
     if settings.get("entrypoint") is not None:
         run["Entrypoint"] = settings["entrypoint"]
@@ -89,13 +93,13 @@ def main() -> None:
         run["WorkingDir"] = settings["workdir"]
     config["created"] = EPOCH
 
-    for path, comment in zip(args.layer, settings.get("layer_comments", [None] * len(args.layer)), strict=True):
+    for path, comment in zip(layer_paths, settings.get("layer_comments", [None] * len(layer_paths)), strict=True):
         layers.append(out.add_file(path, oci.LAYER_GZIP))
         config["rootfs"]["diff_ids"].append(oci.gunzip_sha256(path))
         config["history"].append({"created": EPOCH, "created_by": comment or os.path.basename(path)})
 
     annotations.update({k: stamp(v, status) for k, v in settings.get("annotations", {}).items()})
-    manifest = {
+    manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": oci.MANIFEST,
         "config": out.write_json(config, oci.CONFIG),
@@ -104,7 +108,24 @@ def main() -> None:
     if annotations:
         manifest["annotations"] = annotations
     descriptor = out.write_json(manifest, oci.MANIFEST)
-    out.finish(descriptor, args.digest)
+    out.finish(descriptor, digest_file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--base", help="the base image's OCI layout")
+    parser.add_argument("--layer", action="append", default=[], help="a .tar.gz layer, in order")
+    parser.add_argument("--stamp_info", action="append", default=[])
+    parser.add_argument("--output", required=True, help="the OCI layout directory to write")
+    parser.add_argument("--digest", help="write the manifest digest here")
+    args = parser.parse_args(argv)
+    with open(args.settings) as f:
+        settings = json.load(f)
+    try:
+        assemble(settings, args.base, args.layer, read_status(args.stamp_info), args.output, args.digest)
+    except oci.OciError as error:
+        sys.exit(str(error))
 
 
 if __name__ == "__main__":

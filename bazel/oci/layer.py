@@ -25,31 +25,42 @@ import importlib.util
 import io
 import json
 import lzma
+import marshal
 import os
 import posixpath
 import stat
 import sys
 import tarfile
+from collections.abc import Callable
+from types import CodeType
+from typing import Any
+
+from bazel.oci.layout import OciError
 
 GZIP_LEVEL = 6
 MERGED_USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 STATUS_DIR = "var/lib/dpkg/status.d"
+# The flags word of a PEP 552 .pyc: bit 0 = hash-based, bit 1 = check the source (off: unchecked).
+PYC_HASH_BASED_UNCHECKED = 0b01
+
+# A spec's file or deb item -> the path to read it from.
+Resolve = Callable[[dict[str, Any]], str]
 
 
 class Entry:
     __slots__ = ("data", "kind", "linkname", "mode")
 
-    def __init__(self, kind, mode=0o755, data=b"", linkname=""):
+    def __init__(self, kind: bytes, mode: int = 0o755, data: bytes = b"", linkname: str = "") -> None:
         self.kind, self.mode, self.data, self.linkname = kind, mode, data, linkname
 
 
 class Tree:
     """The layer's file system: normalized path (no leading /) -> Entry."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
 
-    def _parents(self, path):
+    def _parents(self, path: str) -> None:
         parent = posixpath.dirname(path)
         while parent and parent not in self.entries:
             self.entries[parent] = Entry(tarfile.DIRTYPE, 0o755)
@@ -58,17 +69,17 @@ class Tree:
     def add(self, path: str, entry: Entry, origin: str) -> None:
         path = posixpath.normpath(path.lstrip("/"))
         if path in (".", "") or path.startswith(".."):
-            raise SystemExit(f"layer: bad path {path!r} from {origin}")
+            raise OciError(f"layer: bad path {path!r} from {origin}")
         old = self.entries.get(path)
         if old is not None:
             if old.kind == entry.kind == tarfile.DIRTYPE:
                 return
             if (old.kind, old.data, old.linkname) != (entry.kind, entry.data, entry.linkname):
-                raise SystemExit(f"layer: {origin} puts a different /{path} where one already is")
+                raise OciError(f"layer: {origin} puts a different /{path} where one already is")
         self._parents(path)
         self.entries[path] = entry
 
-    def write(self, out) -> None:
+    def write(self, out: io.BufferedIOBase) -> None:
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(self.entries):
                 entry = self.entries[path]
@@ -92,8 +103,9 @@ def read_ar(path: str) -> dict[str, bytes]:
     with open(path, "rb") as f:
         data = f.read()
     if not data.startswith(b"!<arch>\n"):
-        raise SystemExit(f"layer: {path} is not a .deb (ar archive)")
-    members, pos = {}, 8
+        raise OciError(f"layer: {path} is not a .deb (ar archive)")
+    members: dict[str, bytes] = {}
+    pos = 8
     while pos + 60 <= len(data):
         header = data[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
@@ -110,21 +122,28 @@ def decompress(name: str, data: bytes) -> bytes:
         return gzip.decompress(data)
     if name.endswith(".tar"):
         return data
-    raise SystemExit(f"layer: cannot unpack {name} (only xz, gzip and plain tar are supported)")
+    raise OciError(f"layer: cannot unpack {name} (only xz, gzip and plain tar are supported)")
 
 
 def member(members: dict[str, bytes], stem: str, deb: str) -> tuple[str, bytes]:
     for name, data in members.items():
         if name.startswith(stem):
             return name, decompress(name, data)
-    raise SystemExit(f"layer: {deb} has no {stem}")
+    raise OciError(f"layer: {deb} has no {stem}")
 
 
-def add_deb(tree: Tree, deb: str, spec: dict) -> None:
+def extract(tar: tarfile.TarFile, info: tarfile.TarInfo, deb: str) -> bytes:
+    f = tar.extractfile(info)
+    if f is None:
+        raise OciError(f"layer: {deb}: {info.name} is not a regular file")
+    return f.read()
+
+
+def add_deb(tree: Tree, deb: str, spec: dict[str, Any]) -> None:
     members = read_ar(deb)
     _, control_tar = member(members, "control.tar", deb)
     with tarfile.open(fileobj=io.BytesIO(control_tar)) as tar:
-        control = tar.extractfile(tar.getmember("./control")).read()
+        control = extract(tar, tar.getmember("./control"), deb)
     package = next(
         line.split(":", 1)[1].strip() for line in control.decode().splitlines() if line.startswith("Package:")
     )
@@ -153,11 +172,11 @@ def add_deb(tree: Tree, deb: str, spec: dict) -> None:
                 tree.add(path, Entry(tarfile.SYMTYPE, 0o777, linkname=info.linkname), deb)
             elif info.islnk():
                 target = by_name[posixpath.normpath(info.linkname)]
-                tree.add(path, Entry(tarfile.REGTYPE, target.mode, tar.extractfile(target).read()), deb)
+                tree.add(path, Entry(tarfile.REGTYPE, target.mode, extract(tar, target, deb)), deb)
             elif info.isfile():
-                tree.add(path, Entry(tarfile.REGTYPE, info.mode, tar.extractfile(info).read()), deb)
+                tree.add(path, Entry(tarfile.REGTYPE, info.mode, extract(tar, info, deb)), deb)
             else:
-                raise SystemExit(f"layer: {deb}: unsupported entry type for /{path}")
+                raise OciError(f"layer: {deb}: unsupported entry type for /{path}")
 
 
 def merged_usr_links(tree: Tree) -> None:
@@ -166,11 +185,19 @@ def merged_usr_links(tree: Tree) -> None:
             tree.add(name, Entry(tarfile.SYMTYPE, 0o777, linkname=f"usr/{name}"), "merged /usr")
 
 
+def hash_based_pyc(source: bytes, code: CodeType) -> bytes:
+    """An unchecked hash-based .pyc (PEP 552): magic, flags, the source's hash, the marshalled code."""
+    return (
+        importlib.util.MAGIC_NUMBER
+        + PYC_HASH_BASED_UNCHECKED.to_bytes(4, "little")
+        + importlib.util.source_hash(source)
+        + marshal.dumps(code)
+    )
+
+
 def compile_pyc(tree: Tree, prefixes: list[str]) -> None:
     if sys.version_info[:2] != (3, 11):
-        raise SystemExit(f"layer: .pyc files for the image's Python 3.11 need Python 3.11 here, not {sys.version}")
-    from importlib import _bootstrap_external
-
+        raise OciError(f"layer: .pyc files for the image's Python 3.11 need Python 3.11 here, not {sys.version}")
     prefixes = [p.strip("/") + "/" for p in prefixes]
     for path in sorted(tree.entries):
         entry = tree.entries[path]
@@ -180,13 +207,13 @@ def compile_pyc(tree: Tree, prefixes: list[str]) -> None:
             code = compile(entry.data, "/" + path, "exec", dont_inherit=True, optimize=0)
         except SyntaxError:
             continue  # e.g. lib2to3's test data: Python 2 files that are never imported
-        pyc = _bootstrap_external._code_to_hash_pyc(code, importlib.util.source_hash(entry.data), checked=False)
+        pyc = hash_based_pyc(entry.data, code)
         directory, name = posixpath.split(path)
         target = f"{directory}/__pycache__/{name[:-3]}.{sys.implementation.cache_tag}.pyc"
-        tree.add(target, Entry(tarfile.REGTYPE, 0o644, bytes(pyc)), "compile")
+        tree.add(target, Entry(tarfile.REGTYPE, 0o644, pyc), "compile")
 
 
-def build(spec: dict, resolve) -> Tree:
+def build(spec: dict[str, Any], resolve: Resolve) -> Tree:
     tree = Tree()
     for deb in spec.get("debs", []):
         add_deb(tree, resolve(deb), spec)
@@ -219,7 +246,7 @@ def write_layer(tree: Tree, output: str) -> None:
         tree.write(gz)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--spec", required=True)
     parser.add_argument("--output", required=True)
@@ -227,14 +254,18 @@ def main() -> None:
         "--inputs_root",
         help="resolve inputs by their runfiles path below this directory (tests) instead of their exec path",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with open(args.spec) as f:
         spec = json.load(f)
-    if args.inputs_root:
-        resolve = lambda item: os.path.normpath(os.path.join(args.inputs_root, item["short"]))  # noqa: E731
-    else:
-        resolve = lambda item: item["src"]  # noqa: E731
-    write_layer(build(spec, resolve), args.output)
+    inputs_root: str | None = args.inputs_root
+
+    def resolve(item: dict[str, Any]) -> str:
+        return os.path.normpath(os.path.join(inputs_root, item["short"])) if inputs_root else item["src"]
+
+    try:
+        write_layer(build(spec, resolve), args.output)
+    except OciError as error:
+        sys.exit(str(error))
 
 
 if __name__ == "__main__":

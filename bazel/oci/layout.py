@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+from typing import Any
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -19,7 +20,21 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_INDEX = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_TYPES = (INDEX, DOCKER_INDEX)
 
-_MACHINES = {"x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8")}
+# A descriptor (mediaType, digest, size, ...) and a platform (os, architecture[, variant]), as in JSON.
+Descriptor = dict[str, Any]
+Platform = dict[str, str]
+
+
+class OciError(Exception):
+    """A bad input, layout or registry answer: the oci_* tools' main() prints the message and exits 1."""
+
+
+_MACHINES: dict[str, tuple[str, str | None]] = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", "v8"),
+    "arm64": ("arm64", "v8"),
+}
 
 
 def tool_parser(doc: str) -> argparse.ArgumentParser:
@@ -34,7 +49,7 @@ def tool_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def canonical_json(value) -> bytes:
+def canonical_json(value: object) -> bytes:
     """The one serialization used for every manifest, index and config: stable bytes, stable digests."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -58,23 +73,23 @@ def gunzip_sha256(path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def host_platform() -> dict:
+def host_platform() -> Platform:
     machine = platform.machine()
     if machine not in _MACHINES:
-        raise SystemExit(f"no OCI platform known for this machine ({machine})")
+        raise OciError(f"no OCI platform known for this machine ({machine})")
     arch, variant = _MACHINES[machine]
     return {"os": "linux", "architecture": arch, **({"variant": variant} if variant else {})}
 
 
-def parse_platform(text: str) -> dict:
+def parse_platform(text: str) -> Platform:
     """'linux/arm64' or 'linux/arm64/v8' -> a platform dict."""
     parts = text.split("/")
     if len(parts) not in (2, 3):
-        raise SystemExit(f"bad platform {text!r}: expected os/arch[/variant]")
+        raise OciError(f"bad platform {text!r}: expected os/arch[/variant]")
     return {"os": parts[0], "architecture": parts[1], **({"variant": parts[2]} if len(parts) == 3 else {})}
 
 
-def platform_matches(have: dict, want: dict) -> bool:
+def platform_matches(have: Platform, want: Platform) -> bool:
     if have.get("os") != want["os"] or have.get("architecture") != want["architecture"]:
         return False
     # arm64 images often omit the (implied) v8 variant.
@@ -98,15 +113,15 @@ class Layout:
         algorithm, _, hexdigest = digest.partition(":")
         return os.path.join(self.root, "blobs", algorithm, hexdigest)
 
-    def read_json(self, digest: str):
+    def read_json(self, digest: str) -> Any:
         with open(self.blob_path(digest), "rb") as f:
             return json.load(f)
 
-    def index(self) -> dict:
+    def index(self) -> dict[str, Any]:
         with open(os.path.join(self.root, "index.json"), "rb") as f:
             return json.load(f)
 
-    def write_bytes(self, data: bytes, media_type: str, **extra) -> dict:
+    def write_bytes(self, data: bytes, media_type: str, **extra: Any) -> Descriptor:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
         if not os.path.exists(path):
@@ -114,10 +129,10 @@ class Layout:
                 f.write(data)
         return {"mediaType": media_type, "digest": digest, "size": len(data), **extra}
 
-    def write_json(self, value, media_type: str, **extra) -> dict:
+    def write_json(self, value: object, media_type: str, **extra: Any) -> Descriptor:
         return self.write_bytes(canonical_json(value), media_type, **extra)
 
-    def add_file(self, path: str, media_type: str) -> dict:
+    def add_file(self, path: str, media_type: str) -> Descriptor:
         digest, size = sha256_file(path)
         target = self.blob_path(digest)
         if not os.path.exists(target):
@@ -129,11 +144,11 @@ class Layout:
         if not os.path.exists(target):
             shutil.copyfile(other.blob_path(digest), target)
 
-    def write_index(self, manifests: list[dict]) -> None:
+    def write_index(self, manifests: list[Descriptor]) -> None:
         with open(os.path.join(self.root, "index.json"), "wb") as f:
             f.write(canonical_json({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}))
 
-    def finish(self, top: dict, digest_file: str | None) -> None:
+    def finish(self, top: Descriptor, digest_file: str | None) -> None:
         """Makes `top` the layout's one entry point, and writes its digest if asked."""
         self.write_index([top])
         if digest_file:
@@ -142,18 +157,18 @@ class Layout:
 
     # Reading ----------------------------------------------------------------------------------
 
-    def top(self) -> dict:
+    def top(self) -> Descriptor:
         """The one descriptor index.json points at (an image manifest or an image index)."""
         manifests = self.index()["manifests"]
         if len(manifests) != 1:
-            raise SystemExit(f"{self.root}: expected one manifest in index.json, found {len(manifests)}")
+            raise OciError(f"{self.root}: expected one manifest in index.json, found {len(manifests)}")
         return manifests[0]
 
-    def images(self, descriptor: dict | None = None) -> list[tuple[dict, dict]]:
+    def images(self, descriptor: Descriptor | None = None) -> list[tuple[Platform, Descriptor]]:
         """(platform, manifest descriptor) of every image manifest below the descriptor."""
         descriptor = descriptor or self.top()
         if descriptor["mediaType"] in INDEX_TYPES:
-            found = []
+            found: list[tuple[Platform, Descriptor]] = []
             for child in self.read_json(descriptor["digest"])["manifests"]:
                 found.extend(self.images(child))
             return found
@@ -164,18 +179,18 @@ class Layout:
             plat["variant"] = config["variant"]
         return [(plat, descriptor)]
 
-    def select(self, want: dict) -> dict:
+    def select(self, want: Platform) -> Descriptor:
         """The manifest descriptor for one platform."""
         images = self.images()
         for plat, descriptor in images:
             if platform_matches(plat, want):
                 return descriptor
         have = ", ".join("/".join(filter(None, (p["os"], p["architecture"], p.get("variant")))) for p, _ in images)
-        raise SystemExit(f"{self.root}: no image for {'/'.join(want.values())} (has {have})")
+        raise OciError(f"{self.root}: no image for {'/'.join(want.values())} (has {have})")
 
-    def blobs_of(self, descriptor: dict) -> list[dict]:
+    def blobs_of(self, descriptor: Descriptor) -> list[Descriptor]:
         """Every descriptor reachable from this one, children before parents (push order)."""
-        found = []
+        found: list[Descriptor] = []
         if descriptor["mediaType"] in INDEX_TYPES:
             for child in self.read_json(descriptor["digest"])["manifests"]:
                 found.extend(self.blobs_of(child))

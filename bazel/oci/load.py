@@ -18,11 +18,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from typing import IO
 
 from bazel.oci import layout as oci
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", path: str | None = None) -> None:
     info = tarfile.TarInfo(name)
     info.mode = 0o644
     if path is not None:
@@ -34,17 +35,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, path: str |
         tar.addfile(info, io.BytesIO(data))
 
 
-def write_archive(image: oci.Layout, descriptor: dict, tags: list[str], out) -> None:
+def write_archive(image: oci.Layout, descriptor: oci.Descriptor, tags: list[str], out: IO[bytes]) -> None:
     manifest = image.read_json(descriptor["digest"])
     config = manifest["config"]["digest"]
-    names = {"Config": f"blobs/sha256/{config.split(':')[1]}", "RepoTags": tags, "Layers": []}
+    config_name = f"blobs/sha256/{config.split(':')[1]}"
+    layers: list[str] = []
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        _add(tar, names["Config"], path=image.blob_path(config))
+        _add(tar, config_name, path=image.blob_path(config))
         for layer in manifest["layers"]:
             name = f"blobs/sha256/{layer['digest'].split(':')[1]}"
-            if name not in names["Layers"]:
+            if name not in layers:
                 _add(tar, name, path=image.blob_path(layer["digest"]))
-            names["Layers"].append(name)
+            layers.append(name)
+        names = {"Config": config_name, "RepoTags": tags, "Layers": layers}
         _add(tar, "manifest.json", data=json.dumps([names]).encode())
 
 
@@ -52,10 +55,36 @@ def find_engine(wanted: str | None) -> str:
     for engine in [wanted] if wanted else ["podman", "docker"]:
         if shutil.which(engine):
             return engine
-    raise SystemExit(f"oci_load: no {wanted or 'podman or docker'} on PATH; use --output FILE to write a tarball")
+    raise oci.OciError(f"oci_load: no {wanted or 'podman or docker'} on PATH; use --output FILE to write a tarball")
 
 
-def main(argv=None) -> None:
+def load(image_dir: str, tags: list[str], platform: str | None, engine: str | None, output: str | None) -> None:
+    """Loads the image for `platform` (default: this machine's) into `engine`, or writes it to `output`."""
+    image = oci.Layout(image_dir)
+    want = oci.parse_platform(platform) if platform else oci.host_platform()
+    descriptor = image.select(want)
+    if output:
+        # `bazel run` starts in the runfiles tree: relative paths mean the user's directory.
+        output = os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), output)
+        with open(output, "wb") as f:
+            write_archive(image, descriptor, tags, f)
+        print(f"oci_load: wrote {output} ({descriptor['digest']}, {', '.join(tags)})")
+        return
+    engine = find_engine(engine)
+    process = subprocess.Popen([engine, "load"], stdin=subprocess.PIPE)
+    assert process.stdin is not None  # stdin=PIPE
+    try:
+        write_archive(image, descriptor, tags, process.stdin)
+    finally:
+        process.stdin.close()
+    if process.wait() != 0:
+        raise oci.OciError(f"oci_load: `{engine} load` failed")
+    print(
+        f"oci_load: loaded {', '.join(tags)} ({'/'.join(want.values())}, manifest {descriptor['digest']}) into {engine}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = oci.tool_parser(__doc__)
     parser.add_argument("--default_tag", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--tag", "-t", action="append", default=[], help="repository:tag to load as (repeatable)")
@@ -63,29 +92,10 @@ def main(argv=None) -> None:
     parser.add_argument("--engine", help="podman or docker (default: whichever is found first, in that order)")
     parser.add_argument("--output", help="write the archive to this file instead of loading it")
     args = parser.parse_args(argv)
-
-    image = oci.Layout(args.image)
-    want = oci.parse_platform(args.platform) if args.platform else oci.host_platform()
-    descriptor = image.select(want)
-    tags = args.tag or args.default_tag
-    if args.output:
-        # `bazel run` starts in the runfiles tree: relative paths mean the user's directory.
-        args.output = os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), args.output)
-        with open(args.output, "wb") as f:
-            write_archive(image, descriptor, tags, f)
-        print(f"oci_load: wrote {args.output} ({descriptor['digest']}, {', '.join(tags)})")
-        return
-    engine = find_engine(args.engine)
-    process = subprocess.Popen([engine, "load"], stdin=subprocess.PIPE)
     try:
-        write_archive(image, descriptor, tags, process.stdin)
-    finally:
-        process.stdin.close()
-    if process.wait() != 0:
-        sys.exit(f"oci_load: `{engine} load` failed")
-    print(
-        f"oci_load: loaded {', '.join(tags)} ({'/'.join(want.values())}, manifest {descriptor['digest']}) into {engine}"
-    )
+        load(args.image, args.tag or args.default_tag, args.platform, args.engine, args.output)
+    except oci.OciError as error:
+        sys.exit(str(error))
 
 
 if __name__ == "__main__":

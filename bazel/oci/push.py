@@ -10,6 +10,7 @@ come from the usual auth files: $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers
 """
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import IO
 
 from bazel.oci import layout as oci
 
@@ -42,10 +44,10 @@ def basic_credentials(host: str) -> str | None:
 
 
 class Registry:
-    def __init__(self, repository: str, plain_http: bool):
+    def __init__(self, repository: str, plain_http: bool) -> None:
         self.host, _, self.name = repository.partition("/")
         if not self.name or ("." not in self.host and ":" not in self.host and self.host != "localhost"):
-            raise SystemExit(f"oci_push: repository {repository!r} must start with a registry host")
+            raise oci.OciError(f"oci_push: repository {repository!r} must start with a registry host")
         scheme = (
             "http" if plain_http or self.host.split(":")[0] in LOCAL_HOSTS or self.host.startswith("[::1]") else "https"
         )
@@ -57,7 +59,7 @@ class Registry:
         basic = basic_credentials(self.host)
         if scheme.lower() == "basic":
             if not basic:
-                raise SystemExit(f"oci_push: {self.host} wants a login and no auth file has one")
+                raise oci.OciError(f"oci_push: {self.host} wants a login and no auth file has one")
             self.authorization = "Basic " + basic
             return
         fields = dict(re.findall(r'(\w+)="([^"]*)"', params))
@@ -69,7 +71,15 @@ class Registry:
             token = json.load(response)
         self.authorization = "Bearer " + (token.get("token") or token["access_token"])
 
-    def request(self, method: str, url: str, data=None, headers=None, retry=True):
+    def request(
+        self,
+        method: str,
+        url: str,
+        data: bytes | IO[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        retry: bool = True,
+    ) -> http.client.HTTPResponse | None:
+        """The response; None for a HEAD that finds nothing (404)."""
         url = urllib.parse.urljoin(self.base, url)
         request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
         if self.authorization:
@@ -79,13 +89,13 @@ class Registry:
         except urllib.error.HTTPError as error:
             if error.code == 401 and retry and "WWW-Authenticate" in error.headers:
                 self._authenticate(error.headers["WWW-Authenticate"])
-                if hasattr(data, "seek"):
+                if data is not None and not isinstance(data, bytes):
                     data.seek(0)
                 return self.request(method, url, data, headers, retry=False)
             if method == "HEAD" and error.code == 404:
                 return None
             body = error.read().decode(errors="replace")[:500]
-            raise SystemExit(f"oci_push: {method} {url}: HTTP {error.code} {body}") from None
+            raise oci.OciError(f"oci_push: {method} {url}: HTTP {error.code} {body}") from None
 
     def has_blob(self, digest: str) -> bool:
         response = self.request("HEAD", f"/v2/{self.name}/blobs/{digest}")
@@ -93,6 +103,7 @@ class Registry:
 
     def upload(self, path: str, digest: str, size: int) -> None:
         response = self.request("POST", f"/v2/{self.name}/blobs/uploads/", data=b"")
+        assert response is not None  # only HEAD gives None
         location = urllib.parse.urljoin(response.url, response.headers["Location"])
         location += ("&" if "?" in location else "?") + urllib.parse.urlencode({"digest": digest})
         with open(path, "rb") as f:
@@ -132,7 +143,7 @@ def push(image_dir: str, repository: str, tags: list[str], plain_http: bool = Fa
     return top["digest"]
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = oci.tool_parser(__doc__)
     parser.add_argument("--repository", "-r", help="registry host[:port]/name")
     parser.add_argument(
@@ -146,7 +157,10 @@ def main(argv=None) -> None:
     repository = args.repository or args.default_repository
     if not repository:
         sys.exit("oci_push: no repository: pass --repository HOST/NAME")
-    digest = push(args.image, repository, args.tag or args.default_tag, args.plain_http)
+    try:
+        digest = push(args.image, repository, args.tag or args.default_tag, args.plain_http)
+    except oci.OciError as error:
+        sys.exit(str(error))
     if args.digest_file:
         with open(args.digest_file, "w") as f:
             f.write(digest)

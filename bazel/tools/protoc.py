@@ -3,7 +3,7 @@
 import importlib.resources
 import sys
 
-from grpc_tools import protoc
+from grpc_tools import protoc  # type: ignore[import-untyped]
 
 
 def main() -> int:
