@@ -11,17 +11,20 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import app, flags, logging
 
-from token_resource import config, drain, kubeapi, tokens
+from token_resource import config, metrics, tokens
 from token_resource.kubelet import DEFAULT_REGISTRY_DIR, Registration
 from token_resource.lifecycle import handle_signals
 from token_resource.plugin_server import CannotServeError
 from token_resource.policy import DevicePolicy
-from token_resource.status import StatusServer
 from token_resource.supervisor import ConfigFile, Supervisor, Withholder
+
+if TYPE_CHECKING:  # imported where the flags need them: see main() and _withholder()
+    from token_resource import drain
+    from token_resource.status import StatusServer
 
 VERSION = "0.1.0"
 
@@ -161,7 +164,7 @@ def token_policy(plugin: config.PluginConfig, previous: DevicePolicy | None) -> 
 
 
 class _NodeWithholder:
-    def __init__(self, node_drain: drain.NodeDrain, timeout_s: float) -> None:
+    def __init__(self, node_drain: "drain.NodeDrain", timeout_s: float) -> None:
         self._drain = node_drain
         self._timeout_s = timeout_s
 
@@ -176,13 +179,34 @@ def _withholder() -> Withholder | None:
     """The drain on stop, where it can work; says once at start why not otherwise."""
     if not FLAGS.drain_on_stop:
         return None
-    api = kubeapi.in_cluster()
+    api = None
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):  # only in a pod is the API client worth loading
+        from token_resource import kubeapi
+
+        api = kubeapi.in_cluster()
     if api is None or not FLAGS.node_name:
         missing = "an in-cluster ServiceAccount token" if api is None else "--node_name or $NODE_NAME"
         logging.info("drain on stop: off (it needs %s)", missing)
         return None
     logging.info("drain on stop: on, for node %s", FLAGS.node_name)
+    from token_resource import drain
+
     return _NodeWithholder(drain.NodeDrain(api, FLAGS.node_name), FLAGS.drain_timeout)
+
+
+def _status_server(supervisor: Supervisor) -> "StatusServer | None":
+    """/healthz, /readyz and /metrics with --http_port; without it, http.server is never loaded."""
+    if FLAGS.http_port is None:
+        return None
+    from token_resource.status import StatusServer
+
+    return StatusServer(
+        FLAGS.http_address,
+        FLAGS.http_port,
+        supervisor.statuses,
+        lambda: supervisor.reload_error,
+        lambda: {p.endpoint.socket_dir for p in supervisor.plugins()},
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -193,6 +217,8 @@ def main(argv: list[str]) -> int:
         return 0
     if FLAGS.loglevel > logging.get_verbosity():
         logging.set_verbosity(FLAGS.loglevel)
+    if FLAGS.http_port is not None:
+        metrics.enable()  # before anything is counted; without --http_port, prometheus_client is never loaded
     try:
         plugins, source, text = _plugins()
         supervisor = Supervisor(
@@ -204,15 +230,7 @@ def main(argv: list[str]) -> int:
             list_and_watch_timeout_s=FLAGS.list_and_watch_timeout,
             withholder=_withholder(),
         )
-        status = None
-        if FLAGS.http_port is not None:
-            status = StatusServer(
-                FLAGS.http_address,
-                FLAGS.http_port,
-                supervisor.statuses,
-                lambda: supervisor.reload_error,
-                lambda: {p.endpoint.socket_dir for p in supervisor.plugins()},
-            )
+        status = _status_server(supervisor)
     except (config.ConfigError, OSError) as error:
         return _fail(str(error) if isinstance(error, config.ConfigError) else f"--http_port: {error.strerror}")
     handle_signals({signal.SIGTERM: supervisor.stop, signal.SIGINT: supervisor.stop, signal.SIGHUP: supervisor.reload})

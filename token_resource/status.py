@@ -5,6 +5,8 @@ probe restarts the pod otherwise, which also re-mounts a directory re-created on
 /readyz: every configured resource is served to the kubelet (registered, with the kubelet
 holding its ListAndWatch stream, or handed to a newer instance), and the latest configuration
 reload was accepted. Both answer 200 "ok" or 503 with one line per problem.
+
+Imported only with --http_port: it brings http.server and prometheus_client.
 """
 
 import http.server
@@ -46,6 +48,7 @@ class StatusServer:
         self._statuses = statuses
         self._reload_error = reload_error
         self._plugin_dirs = plugin_dirs
+        self._registry = metrics.enable()
         self._httpd = _server_for(address)((address, port), Handler)
         self._httpd.daemon_threads = True
         self.address = self._httpd.server_address
@@ -90,7 +93,7 @@ class StatusServer:
         if path == "/metrics":
             for name, status in self._statuses().items():
                 metrics.REGISTERED.labels(name).set(int(status.registered))
-            body = prometheus_client.generate_latest(metrics.REGISTRY)
+            body = prometheus_client.generate_latest(self._registry)
             self._send(request, 200, body, prometheus_client.CONTENT_TYPE_LATEST)
         elif path in ("/healthz", "/readyz"):
             problems = self.health_problems() if path == "/healthz" else self.readiness_problems()
