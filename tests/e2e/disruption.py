@@ -125,8 +125,10 @@ class PodRecord:
             return self.log_start
         state = self.container_state()
         for key in ("running", "terminated"):
-            if state.get(key, {}).get("startedAt"):
-                return parse_time(state[key]["startedAt"])
+            started = parse_time(state.get(key, {}).get("startedAt"))
+            # A container that failed to start (StartError) reports the epoch.
+            if started and started > 1e9:
+                return started
         return None
 
     @property
@@ -744,6 +746,19 @@ class Suite:
                 result.notes.append(f"allocatable not back to {target} (last {events[-1][1]})")
         self.check_count(result, pods)
 
+    @staticmethod
+    def describe(record: PodRecord) -> str:
+        """When it ran (log or API times), its tokens and how it ended, for a violation report."""
+
+        def clock(when: float | None) -> str:
+            return time.strftime("%H:%M:%S", time.gmtime(when)) + f"{when % 1:.2f}"[1:] if when else "?"
+
+        source = "log" if record.log_start is not None else "api"
+        state = record.container_state()
+        ended = next(iter(state), "?") + (f" {state['terminated'].get('reason', '')}" if "terminated" in state else "")
+        tokens = ",".join(record.tokens or ()) or "?"
+        return f"[{clock(record.started)}-{clock(record.finished)} {source}, {tokens}, {record.phase} {ended}]"
+
     def check_count(self, result: Result, pods: list[PodRecord]) -> None:
         """No token pod started beyond the count in force (see the module docstring)."""
         with self.lock:
@@ -772,8 +787,11 @@ class Suite:
             )
             if len(running) + 1 > allowed + len(held_before):
                 result.violations.append(
-                    f"{record.name} started at {start:.2f} with {len(running)} others running, count {allowed}"
+                    f"{record.name} {self.describe(record)} started with {len(running)} others running, count "
+                    f"{allowed}"
                     + (f" (+{len(held_before)} held before the decrease)" if held_before else "")
+                    + ": "
+                    + "; ".join(f"{r.name} {self.describe(r)}" for r in running)
                 )
             if record.tokens:
                 shared = [r.name for r in running if r.tokens and set(r.tokens) & set(record.tokens)]
