@@ -43,13 +43,13 @@ from absl import app, flags, logging
 from google.protobuf import message
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from handoff.v1 import api_pb2 as handoff_pb2
-from handoff.v1 import api_pb2_grpc as handoff_pb2_grpc
 from token_resource import config, kubelet, metrics, tokens
 from token_resource.device_plugin import MAX_STREAMS, SERVICE, UNDECODABLE, _lenient, _serialize
 from token_resource.kubelet import DirectoryEvent, Endpoint
 from token_resource.plugin_server import MAX_RECEIVE_BYTES
 from token_resource.policy import AllocationError, DevicePolicy
+from tokenresource.handoff.v1 import api_pb2 as handoff_pb2
+from tokenresource.handoff.v1 import api_pb2_grpc as handoff_pb2_grpc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("count", 1, "Number of tokens advertised on this node.")

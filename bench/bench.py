@@ -178,7 +178,7 @@ def bench_allocate(repeats: int) -> dict:
     directory = short_tempdir("tr-bench-")
     kubelet = FakeKubelet(directory, Mode.E2)
     kubelet.start()
-    daemon = Daemon(f"--plugin_dir={directory}", f"--count={max(SIZES)}")
+    daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={max(SIZES)}")
     noop = None
     try:
         kubelet.wait_until(registered, timeout=30)
@@ -255,7 +255,7 @@ def startup_to_snapshot(count: int) -> float:
     kubelet.start()
     try:
         t = time.perf_counter()
-        daemon = Daemon(f"--plugin_dir={directory}", f"--count={count}")
+        daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={count}")
         try:
             kubelet.wait_until(registered, timeout=60)
             return time.perf_counter() - t
@@ -302,7 +302,7 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
     directory = short_tempdir("tr-bench-")
     kubelet = TimedKubelet(directory, Mode.E2)
     kubelet.start()
-    daemon = Daemon(f"--plugin_dir={directory}", f"--count={count}")
+    daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={count}")
     register, snapshot = [], []
     try:
         kubelet.wait_until(registered, timeout=60)
@@ -382,7 +382,7 @@ def registered_daemon(count: int) -> Iterator[tuple[str, Daemon]]:
     directory = short_tempdir("tr-bench-")
     kubelet = FakeKubelet(directory, Mode.E2)
     kubelet.start()
-    daemon = Daemon(f"--plugin_dir={directory}", f"--count={count}")
+    daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={count}")
     try:
         kubelet.wait_until(registered, timeout=60)
         yield directory, daemon

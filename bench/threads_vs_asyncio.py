@@ -31,12 +31,12 @@ import grpc
 
 import bench as base  # bench/bench.py, beside this file: the same statistics and tables
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from handoff.v1 import api_pb2 as handoff_pb2
-from handoff.v1 import api_pb2_grpc as handoff_pb2_grpc
 from tests.daemon import short_tempdir
 from tests.fake_kubelet import FakeKubelet, Mode
 from tests.reliability import procfs
 from token_resource import device_plugin, plugin_server, tokens
+from tokenresource.handoff.v1 import api_pb2 as handoff_pb2
+from tokenresource.handoff.v1 import api_pb2_grpc as handoff_pb2_grpc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {

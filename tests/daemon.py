@@ -8,7 +8,12 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
+
+import inotify_simple
 
 from token_resource import watch
 
@@ -64,6 +69,21 @@ class Daemon:
     def wait(self, timeout: float = 10.0) -> int:
         return self.process.wait(timeout)
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Until `text` appears in the log (inotify on the log file, no polling); TimeoutError
+        if it does not within `timeout` or the process exits first."""
+        inotify = inotify_simple.INotify()
+        try:
+            inotify.add_watch(self.log_path, inotify_simple.flags.MODIFY)
+            deadline = time.monotonic() + timeout
+            while text not in self.log():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.process.poll() is not None:
+                    raise TimeoutError(f"{text!r} not in the log of {self.args}:\n{self.log()}")
+                inotify.read(timeout=max(1, int(remaining * 1000)))
+        finally:
+            inotify.close()
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
@@ -80,20 +100,36 @@ def run_to_exit(*args: str, timeout: float = 30.0) -> subprocess.CompletedProces
 
 @contextlib.contextmanager
 def created_in(directory: str, name: str) -> Iterator[threading.Event]:
-    """An event set when `name` is created in `directory` (inotify, no polling)."""
-    created = threading.Event()
+    """An event set when `name` is created in `directory` (inotify, no polling); on leaving the
+    block, waits for it."""
+    with _named_event(directory, name, watch.flags.CREATE | watch.flags.MOVED_TO, "created") as event:
+        yield event
 
-    def seen(event_name: str, mask: int) -> None:
+
+@contextlib.contextmanager
+def removed_from(directory: str, name: str) -> Iterator[threading.Event]:
+    """An event set when `name` is removed from `directory` (inotify, no polling); on leaving
+    the block, waits for it."""
+    with _named_event(directory, name, watch.flags.DELETE | watch.flags.MOVED_FROM, "removed") as event:
+        yield event
+
+
+@contextlib.contextmanager
+def _named_event(directory: str, name: str, mask: int, what: str) -> Iterator[threading.Event]:
+    happened = threading.Event()
+
+    def seen(event_name: str, event_mask: int) -> None:
         if event_name == name:
-            created.set()
+            happened.set()
 
-    events = watch.DirectoryEvents(directory, watch.flags.CREATE | watch.flags.MOVED_TO, seen, name="test-watch")
+    watcher = watch.Watcher()
     try:
-        yield created
-        if not created.wait(10):
-            raise TimeoutError(f"{name} was not created in {directory}")
+        watcher.subscribe(directory, mask, seen)
+        yield happened
+        if not happened.wait(10):
+            raise TimeoutError(f"{name} was not {what} in {directory}")
     finally:
-        events.close()
+        watcher.close()
 
 
 def free_port() -> int:
@@ -101,3 +137,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:<port><path>."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_for_http(port: int, path: str, code: int, saying: str = "", timeout: float = 10.0) -> str:
+    """Polls the endpoint until it answers `code` with `saying` in the body (an HTTP probe is
+    itself a poll: the daemon offers no change notification)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = http_get(port, path)
+        except OSError:
+            status, body = 0, "no answer"
+        if status == code and saying in body:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} answered {status} {body!r}, expected {code} saying {saying!r}")
+        time.sleep(0.05)

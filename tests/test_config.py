@@ -53,14 +53,31 @@ def test_rejects_socket_names_that_are_not_bare_file_names(socket):
         config.check_socket_name(socket)
 
 
-def test_socket_paths_are_joined_onto_the_plugin_directory():
+def test_a_named_socket_is_used_as_it_is():
     plugin = config.PluginConfig(resource="example.com/token", count=2, socket="t.sock", plugin_dir="/d")
-    assert plugin.socket_path == "/d/t.sock"
-    assert plugin.kubelet_socket_path == "/d/kubelet.sock"
+    endpoint = plugin.endpoint
+    assert (endpoint.resource, endpoint.plugin_dir, endpoint.per_instance) == ("example.com/token", "/d", False)
+    assert endpoint.socket_name(1796009551786717806) == "t.sock"
+    assert endpoint.kubelet_socket_path == "/d/kubelet.sock"
+
+
+def test_a_per_instance_socket_carries_the_instance_number():
+    plugin = config.PluginConfig("example.com/token", 2, config.DEFAULT_SOCKET, "/d", per_instance=True)
+    assert plugin.endpoint.socket_name(1796009551786717806) == "token-resource.1796009551786717806.sock"
+
+
+@pytest.mark.parametrize("per_instance", [False, True])
+def test_the_socket_path_limit_counts_the_staging_name_and_the_longest_instance(per_instance):
+    # The server binds .<socket>.new before renaming it into place; an instance has up to 19 digits.
+    longest = "/.x.9999999999999999999.sock.new" if per_instance else "/.x.sock.new"
+    fits = "/" + "d" * (config.MAX_SOCKET_PATH_BYTES - len(longest) - 1)
+    config.check_plugin(config.PluginConfig("example.com/token", 1, "x.sock", fits, per_instance))
+    with pytest.raises(config.ConfigError, match="longer than 107 bytes; choose a shorter socket name"):
+        config.check_plugin(config.PluginConfig("example.com/token", 1, "x.sock", fits + "d", per_instance))
 
 
 def parse(text: str, node: str | None = None):
-    return config.parse_config(text, "/d", node)
+    return config.parse_config(text, config.Placement(plugin_dir="/d"), node)
 
 
 def test_a_config_file_declares_several_resources_with_per_node_counts():
@@ -74,8 +91,9 @@ resources:
     socket: licenses.sock
 """
     assert parse(text, "worker-1") == (
-        config.PluginConfig("example.com/token", 5, "token-resource-example.com_token.sock", "/d"),
-        config.PluginConfig("example.com/license", 1, "licenses.sock", "/d"),
+        # no socket given: each process serves on its own token-resource-example.com_token.<instance>.sock
+        config.PluginConfig("example.com/token", 5, "token-resource-example.com_token.sock", "/d", per_instance=True),
+        config.PluginConfig("example.com/license", 1, "licenses.sock", "/d", per_instance=False),
     )
     assert parse(text, "worker-2")[0].count == 0
     assert parse(text, "worker-9")[0].count == 2

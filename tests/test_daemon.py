@@ -1,6 +1,7 @@
 """The real daemon against the fake kubelet, over real unix sockets."""
 
 import os
+import re
 import socket
 import threading
 import time
@@ -9,14 +10,22 @@ import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from tests.daemon import Daemon, created_in, run_to_exit
-from tests.fake_kubelet import AdmissionError, Mode, advertising
+from tests.daemon import Daemon, created_in, free_port, http_get, run_to_exit, wait_for_http
+from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode, advertising
+from token_resource.lifecycle import BACKOFF_CAP_S
 
 RESOURCE = "example.com/token"
+SOCKET = "token-resource.sock"  # with --socket=SOCKET; without it each process has its own
+INSTANCE_SOCKET = re.compile(r"token-resource\.[0-9]{1,19}\.sock")
 
 
 def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
     return [f"--plugin_dir={plugin_dir}", *extra]
+
+
+def endpoint(kubelet: FakeKubelet) -> str:
+    """The socket file name the daemon registered."""
+    return kubelet.resources[RESOURCE].endpoint
 
 
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
@@ -25,10 +34,19 @@ def test_registers_and_advertises_its_tokens(plugin_dir, kubelets, daemons, mode
     daemons(*plugin_args(plugin_dir, "--count=3"))
     kubelet.wait_until(advertising(RESOURCE, 3))
     request = kubelet.register_requests[0]
-    assert (request.version, request.endpoint, request.resource_name) == ("v1beta1", "token-resource.sock", RESOURCE)
+    assert (request.version, request.resource_name) == ("v1beta1", RESOURCE)
+    assert INSTANCE_SOCKET.fullmatch(request.endpoint)  # its own socket: token-resource.<start ns>.sock
+    assert os.path.exists(os.path.join(plugin_dir, request.endpoint))
     assert request.options.get_preferred_allocation_available
     snapshot = kubelet.resources[RESOURCE].snapshots[0]
     assert [(d.ID, d.health) for d in snapshot.devices] == [(f"item-{i}", "Healthy") for i in range(3)]
+
+
+def test_a_given_socket_name_is_used_as_it_is(kubelet, daemons):
+    daemons(*plugin_args(kubelet.directory, f"--socket={SOCKET}"))
+    kubelet.wait_until(advertising(RESOURCE, 1))
+    assert kubelet.register_requests[0].endpoint == SOCKET
+    assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", SOCKET]
 
 
 def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
@@ -96,11 +114,9 @@ def test_reregisters_after_kubelet_restart(kubelet, daemons):
     kubelet.restart()  # deletes the plugin's socket, re-creates kubelet.sock
     kubelet.wait_until(lambda k: len(k.register_requests) == 2 and advertising(RESOURCE, 2)(k))
     assert kubelet.resources[RESOURCE].snapshots[-1] == kubelet.resources[RESOURCE].snapshots[0]  # same IDs
-    assert sorted(os.listdir(kubelet.directory)) == [
-        "kubelet.sock",
-        "kubelet_internal_checkpoint",
-        "token-resource.sock",
-    ]
+    first, second = (r.endpoint for r in kubelet.register_requests)
+    assert first == second  # the same socket name, served again
+    assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", "kubelet_internal_checkpoint", first]
     assert kubelet.admit("pod-a", "c", RESOURCE, 1).ids == ("item-0",)
 
 
@@ -115,8 +131,8 @@ def test_reregisters_when_the_stream_is_cancelled(plugin_dir, kubelets, daemons,
 
 
 def test_waits_for_an_absent_kubelet(plugin_dir, kubelets, daemons):
-    with created_in(plugin_dir, "token-resource.sock"):  # serving, with no kubelet.sock anywhere
-        daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
+    with created_in(plugin_dir, SOCKET):  # serving, with no kubelet.sock anywhere
+        daemon = daemons(*plugin_args(plugin_dir, "--count=2", f"--socket={SOCKET}"))
     kubelet = kubelets(Mode.E2)
     kubelet.wait_until(advertising(RESOURCE, 2))
     assert daemon.process.poll() is None
@@ -135,13 +151,14 @@ def test_reregisters_when_list_and_watch_never_comes(plugin_dir, kubelets, daemo
 def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet, daemons):
     kubelet.supported_versions = ["v2"]  # a kubelet that does not speak v1beta1
     daemon = daemons(*plugin_args(kubelet.directory, "--count=1"))
-    kubelet.wait_until(lambda k: len(k.register_errors) >= 3, timeout=15)
+    kubelet.wait_until(lambda k: len(k.register_errors) >= 4, timeout=15)
     assert kubelet.register_errors[0] == (
         'requested API version "v1beta1" is not supported by kubelet. Supported version is ["v2"]'
     )
     assert "Register failed (UNKNOWN" in daemon.log()
-    first, second, third = kubelet.register_times[:3]
-    assert second - first >= 0.25 and third - second >= 0.5  # back-off with jitter, no hot loop
+    first, second, third, fourth = kubelet.register_times[:4]
+    # The first retry is immediate (delay 0); then 0.25-0.5 s, 0.5-1 s, ...: back-off with jitter.
+    assert second - first < third - second and third - second >= 0.25 and fourth - third >= 0.5
     kubelet.supported_versions = ["v1beta1"]
     kubelet.wait_until(advertising(RESOURCE, 1), timeout=15)
 
@@ -160,22 +177,57 @@ def test_sigterm_removes_only_its_own_socket_and_exits_0(kubelet, daemons):
     assert kubelet.allocatable(RESOURCE) == 0 and kubelet.resources[RESOURCE].capacity == 2
 
 
-def test_a_stale_socket_does_not_block_start(kubelet, daemons):
-    stale = os.path.join(kubelet.directory, "token-resource.sock")
+def make_stale_socket(path: str) -> None:
     with socket.socket(socket.AF_UNIX) as crashed:
-        crashed.bind(stale)  # bound but not listening: what a killed process leaves
+        crashed.bind(path)  # bound but not listening: what a killed process leaves
+
+
+def test_a_stale_socket_does_not_block_start(kubelet, daemons):
+    make_stale_socket(os.path.join(kubelet.directory, SOCKET))
+    daemons(*plugin_args(kubelet.directory, "--count=2", f"--socket={SOCKET}"))
+    kubelet.wait_until(advertising(RESOURCE, 2))
+    assert endpoint(kubelet) == SOCKET
+
+
+def test_a_dead_older_instances_socket_is_removed_at_start(kubelet, daemons):
+    dead = os.path.join(kubelet.directory, "token-resource.1.sock")  # instance 1: long before this one
+    make_stale_socket(dead)
     daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
+    assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", endpoint(kubelet)]
 
 
-def test_a_second_instance_on_the_same_socket_refuses_to_start(kubelet, daemons):
-    first = daemons(*plugin_args(kubelet.directory, "--count=2"))
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_a_second_instance_on_a_fixed_socket_waits_and_takes_over(kubelet, daemons, stop):
+    fixed = ("--count=2", f"--socket={SOCKET}")
+    first = daemons(*plugin_args(kubelet.directory, *fixed))
     kubelet.wait_until(advertising(RESOURCE, 2))
-    second = daemons(*plugin_args(kubelet.directory, "--count=2"))
-    assert second.wait() == 1
-    assert "another process is serving on" in second.log()
-    assert first.process.poll() is None
-    assert len(kubelet.register_requests) == 1
+    port = free_port()
+    second = daemons(*plugin_args(kubelet.directory, *fixed, f"--http_port={port}", "--http_address=127.0.0.1"))
+    path = os.path.join(kubelet.directory, SOCKET)
+    waiting = f"cannot serve: another process is serving on {path}; waiting for it to stop"
+    second.wait_for_log(waiting)
+    wait_for_http(
+        port, "/readyz", 503, saying=f"{RESOURCE}: not serving; retrying: another process is serving on {path}"
+    )
+    assert http_get(port, "/healthz")[0] == 200  # a restart would not cure it: no liveness failure
+    assert first.process.poll() is None and second.process.poll() is None  # no crash loop
+    assert len(kubelet.register_requests) == 1  # the first instance's registration is left alone
+    stopped = time.monotonic()
+    if stop == "sigterm":
+        assert first.terminate() == 0  # removes its socket: the second retries at once
+    else:
+        first.process.kill()  # leaves a stale socket, found at the next retry
+        first.wait()
+    kubelet.wait_until(
+        lambda k: len(k.register_requests) == 2 and advertising(RESOURCE, 2)(k), timeout=2 * BACKOFF_CAP_S
+    )
+    assert kubelet.register_times[1] - stopped < BACKOFF_CAP_S  # within one back-off step at most
+    assert kubelet.register_requests[1].endpoint == SOCKET
+    assert kubelet.admit("pod-a", "c", RESOURCE, 1).ids == ("item-0",)
+    wait_for_http(port, "/readyz", 200)
+    assert second.process.poll() is None
+    assert second.log().count("cannot serve") == 1  # said once, however many retries
 
 
 def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
@@ -244,7 +296,7 @@ def test_a_relative_plugin_dir_works(kubelet, daemons):
 def test_only_the_kubelets_stream_ending_means_registering_again(kubelet, daemons):
     daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
-    with grpc.insecure_channel(f"unix://{kubelet.directory}/token-resource.sock") as tool:
+    with grpc.insecure_channel(f"unix://{kubelet.directory}/{endpoint(kubelet)}") as tool:
         watcher = api_pb2_grpc.DevicePluginStub(tool).ListAndWatch(api_pb2.Empty())
         next(watcher)  # a tool watching the device list
         watcher.cancel()

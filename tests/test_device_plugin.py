@@ -35,7 +35,7 @@ def socket_path():
 def served(socket_path):
     """(servicer, stub, listener) for a servicer with 3 tokens on a unix socket."""
     listener = Listener()
-    servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener, "example.com/token")
+    servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
     servicer.add_to_server(server)
     server.add_insecure_port(f"unix:{socket_path}")
@@ -55,8 +55,8 @@ def test_list_and_watch_sends_the_snapshot_then_only_changes(served):
     stream = stub.ListAndWatch(api_pb2.Empty())
     assert ids(next(stream)) == ["item-0", "item-1", "item-2"]
     assert listener.events.get(timeout=5) == ("opened", 0)
-    servicer.publish(tokens.snapshot(3))  # unchanged: nothing is sent
-    servicer.publish(tokens.snapshot(1))
+    servicer.set_policy(tokens.TokenPolicy("example.com/token", 3))  # the same devices: nothing is sent
+    servicer.set_policy(tokens.TokenPolicy("example.com/token", 1))
     assert ids(next(stream)) == ["item-0"]
     stream.cancel()
 
@@ -66,10 +66,47 @@ def test_every_open_stream_gets_each_change(served):
     streams = [stub.ListAndWatch(api_pb2.Empty()) for _ in range(3)]
     for stream in streams:
         next(stream)
-    servicer.publish(tokens.snapshot(2))
+    servicer.set_policy(tokens.TokenPolicy("example.com/token", 2))
     assert [ids(next(s)) for s in streams] == [["item-0", "item-1"]] * 3
     for stream in streams:
         stream.cancel()
+
+
+def allocate(stub: api_pb2_grpc.DevicePluginStub, *token_ids: str) -> api_pb2.AllocateResponse:
+    return stub.Allocate(
+        api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=token_ids)]), timeout=5
+    )
+
+
+def preferred(stub: api_pb2_grpc.DevicePluginStub, available: list[str], size: int) -> list[str]:
+    response = stub.GetPreferredAllocation(
+        api_pb2.PreferredAllocationRequest(
+            container_requests=[
+                api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=available, allocation_size=size)
+            ]
+        ),
+        timeout=5,
+    )
+    return list(response.container_responses[0].deviceIDs)
+
+
+def test_a_new_policy_answers_every_call_from_then_on(served):
+    servicer, stub, _ = served
+    stream = stub.ListAndWatch(api_pb2.Empty())
+    next(stream)
+    servicer.set_policy(tokens.TokenPolicy("example.com/token", 3).reconfigured(1))  # a count decrease
+    assert ids(next(stream)) == ["item-0"]
+    # The kubelet may still pick a dropped token until it has read the snapshot: accepted ...
+    assert dict(allocate(stub, "item-2").container_responses[0].envs) == {"EXAMPLE_COM_TOKEN": "item-2"}
+    # ... but never suggested.
+    assert preferred(stub, ["item-2", "item-1", "item-0"], 2) == ["item-0"]
+    servicer.set_policy(tokens.TokenPolicy("example.com/token", 1).reconfigured(4))
+    assert ids(next(stream)) == ["item-0", "item-1", "item-2", "item-3"]
+    assert preferred(stub, ["item-3", "item-1"], 2) == ["item-1", "item-3"]
+    with pytest.raises(grpc.RpcError) as raised:
+        allocate(stub, "item-4")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stream.cancel()
 
 
 def test_each_stream_end_is_reported_as_that_stream(served):

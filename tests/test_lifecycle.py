@@ -478,3 +478,25 @@ def test_watcher_mode_recreates_the_socket_when_nobody_asks(watched):
     runner.handle(None)
     assert runner.server is not served and runner.phase is Phase.REGISTERING
     assert "did not ask for GetInfo" in runner.status().problem
+
+
+def test_taking_over_while_the_kubelet_still_holds_our_stream(make_runner):
+    """A kubelet that tracks instances per socket (1.37+) kept serving through the older
+    instance's stream and refuses a second registration of that socket: that is registered."""
+    old_kubelet, new_kubelet = ScriptedKubelet(), ScriptedKubelet()
+    old = make_runner(instance=1, kubelet=old_kubelet)
+    old.start()
+    registered(old, old_kubelet)
+    new = make_runner(instance=2, kubelet=new_kubelet)
+    new.start()
+    old.handle(DirectoryChanged("widget.2.sock", flags.CREATE))
+    next_event(old)
+    registered(new, new_kubelet)
+    next_event(old)
+    assert old.phase is Phase.STANDBY
+    new.handle(lifecycle.Stop())
+    next_event(old)
+    old_kubelet.answer(old, Refused())
+    assert old.phase is Phase.REGISTERED and len(old_kubelet.calls) == 2
+    old.handle(StreamClosed(old.server.servicer, 101))  # and when that stream ends, it registers again
+    assert old.phase is Phase.REGISTERING and len(old_kubelet.calls) == 3

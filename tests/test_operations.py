@@ -2,27 +2,31 @@
 real daemon against fake kubelets."""
 
 import os
+import re
 import signal
 import socket
-import time
-import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import free_port
-from tests.fake_kubelet import AdmissionError, advertising
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests.daemon import Daemon, free_port, http_get, removed_from, run_to_exit, wait_for_http
+from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode, advertising
+from token_resource.lifecycle import BACKOFF_CAP_S
 
 TOKEN = "example.com/token"
 LICENSE = "example.com/license"
 
 
-def config_text(*resources: tuple[str, int], extra: str = "") -> str:
+def config_text(*resources: tuple[str, int], extra: str = "", sockets: dict[str, str] | None = None) -> str:
     lines = ["resources:"]
     for name, count in resources:
         lines += [f"  - name: {name}", f"    count: {count}"]
+        if sockets and name in sockets:
+            lines.append(f"    socket: {sockets[name]}")
     return "\n".join(lines) + "\n" + extra
 
 
@@ -35,32 +39,8 @@ def ids(kubelet, resource: str) -> list[str]:
     return [d.ID for d in kubelet.resources[resource].snapshots[-1].devices]
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def wait_for_http(port: int, path: str, code: int, saying: str = "", timeout: float = 10.0) -> str:
-    """Polls the endpoint until it answers `code` with `saying` in the body (an HTTP probe is
-    itself a poll)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            status, body = get(port, path)
-        except OSError:
-            status, body = 0, "no answer"
-        if status == code and saying in body:
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} answered {status} {body!r}, expected {code} saying {saying!r}")
-        time.sleep(0.05)
-
-
 def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
-    status, text = get(port, "/metrics")
+    status, text = http_get(port, "/metrics")
     assert status == 200
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -84,10 +64,12 @@ def test_two_resources_from_one_config_each_with_its_own_socket(kubelet, daemons
     write(config_path, config_text((TOKEN, 2), (LICENSE, 3)))
     start(daemons, kubelet, config_path)
     kubelet.wait_until(lambda k: advertising(TOKEN, 2)(k) and advertising(LICENSE, 3)(k))
-    assert {r.resource_name: r.endpoint for r in kubelet.register_requests} == {
-        TOKEN: "token-resource-example.com_token.sock",
-        LICENSE: "token-resource-example.com_license.sock",
-    }
+    endpoints = {r.resource_name: r.endpoint for r in kubelet.register_requests}
+    # No socket: key: each process serves on token-resource-<resource>.<instance>.sock, one instance for all.
+    token = re.fullmatch(r"token-resource-example\.com_token\.([0-9]+)\.sock", endpoints[TOKEN])
+    license_ = re.fullmatch(r"token-resource-example\.com_license\.([0-9]+)\.sock", endpoints[LICENSE])
+    assert token and license_ and token.group(1) == license_.group(1), endpoints
+    assert sorted(os.listdir(kubelet.directory)) == sorted(["config", "kubelet.sock", *endpoints.values()])
     assert ids(kubelet, LICENSE) == ["item-0", "item-1", "item-2"]
     assert dict(kubelet.admit("pod", "c", LICENSE, 1).response.envs) == {"EXAMPLE_COM_LICENSE": "item-0"}
 
@@ -100,8 +82,6 @@ def test_per_node_count_applies_to_the_named_node_only(kubelet, daemons, config_
 
 
 def test_node_name_comes_from_the_environment(kubelet, config_path, plugin_dir):
-    from tests.daemon import Daemon
-
     write(config_path, config_text((TOKEN, 2)) + "    nodes: {worker-1: 4}\n")
     os.environ["NODE_NAME"] = "worker-1"
     try:
@@ -148,9 +128,11 @@ def test_resources_added_and_removed_at_run_time(kubelet, daemons, config_path):
     kubelet.wait_until(advertising(TOKEN, 2))
     write(config_path, config_text((TOKEN, 2), (LICENSE, 1)))
     kubelet.wait_until(advertising(LICENSE, 1))
-    write(config_path, config_text((LICENSE, 1)))
+    token_socket = kubelet.resources[TOKEN].endpoint
+    assert os.path.exists(os.path.join(kubelet.directory, token_socket))
+    with removed_from(kubelet.directory, token_socket):
+        write(config_path, config_text((LICENSE, 1)))
     kubelet.wait_until(lambda k: not k.resources[TOKEN].connected)
-    assert not os.path.exists(os.path.join(kubelet.directory, "token-resource-example.com_token.sock"))
     assert kubelet.allocatable(TOKEN) == 0 and advertising(LICENSE, 1)(kubelet)
 
 
@@ -165,6 +147,23 @@ def test_a_decreased_count_drops_the_highest_ids_and_running_pods_keep_theirs(ku
     assert len(kubelet.allocations) == 2  # the kubelet never evicts for this
     with pytest.raises(AdmissionError, match="Requested: 1, Available: 0"):
         kubelet.admit("pod-new", "c", TOKEN, 1)
+    # A kubelet that picked a dropped token before it read the new list is not refused (that
+    # would fail the pod's admission), but the daemon never suggests one.
+    stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[TOKEN].channel)
+    request = api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])])
+    assert dict(stub.Allocate(request, timeout=5).container_responses[0].envs) == {"EXAMPLE_COM_TOKEN": "item-2"}
+    preferred = stub.GetPreferredAllocation(
+        api_pb2.PreferredAllocationRequest(
+            container_requests=[
+                api_pb2.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=["item-2", "item-1", "item-0"], allocation_size=2
+                )
+            ]
+        ),
+        timeout=5,
+    )
+    assert list(preferred.container_responses[0].deviceIDs) == ["item-0"]
+    assert len(kubelet.register_requests) == 1  # one new snapshot on the same stream
 
 
 def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(kubelet, daemons, config_path):
@@ -207,16 +206,12 @@ def test_sighup_rereads_the_file(kubelet, daemons, config_path, plugin_dir):
 
 
 def test_config_and_resource_flags_are_exclusive(config_path):
-    from tests.daemon import run_to_exit
-
     write(config_path, config_text((TOKEN, 2)))
     result = run_to_exit(f"--config={config_path}", "--count=3")
     assert result.returncode == 1 and "--config declares the resources; drop --count" in result.stderr
 
 
 def test_a_bad_config_at_start_fails_with_one_line(config_path):
-    from tests.daemon import run_to_exit
-
     write(config_path, "resources: [{name: gpu}]")
     result = run_to_exit(f"--config={config_path}")
     assert result.returncode == 1
@@ -224,20 +219,16 @@ def test_a_bad_config_at_start_fails_with_one_line(config_path):
 
 
 def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons):
-    from tests.fake_kubelet import FakeKubelet, Mode
-
     port = free_port()
     daemon = daemons(f"--plugin_dir={plugin_dir}", "--count=3", f"--http_port={port}", "--http_address=127.0.0.1")
     wait_for_http(port, "/healthz", 200)
-    wait_for_http(port, "/readyz", 503, saying="example.com/token: not registered with the kubelet")
+    wait_for_http(port, "/readyz", 503, saying="example.com/token: serving; registering with the kubelet")
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()
     try:
         kubelet.wait_until(advertising(TOKEN, 3))
         wait_for_http(port, "/readyz", 200)
         kubelet.admit("pod-a", "c", TOKEN, 2)
-        from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-
         stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[TOKEN].channel)
         with pytest.raises(grpc.RpcError):
             stub.Allocate(
@@ -259,11 +250,11 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
         assert samples[("token_resource_kubelet_restarts_total", (resource,))] == 2
         assert samples[("token_resource_registrations_total", (resource,))] == 2
         kubelet.stop()
-        wait_for_http(port, "/readyz", 503, saying="not registered")
-        assert get(port, "/healthz")[0] == 200
+        wait_for_http(port, "/readyz", 503, saying="example.com/token: serving; registering with the kubelet")
+        assert http_get(port, "/healthz")[0] == 200
     finally:
         kubelet.stop()
-    assert get(port, "/nope")[0] == 404
+    assert http_get(port, "/nope")[0] == 404
     assert daemon.terminate() == 0
 
 
@@ -278,21 +269,56 @@ def test_a_file_that_is_not_text_is_rejected_and_the_daemon_goes_on(kubelet, dae
     assert daemon.process.poll() is None and kubelet.allocatable(TOKEN) == 2
 
 
-def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, daemons, config_path):
+LICENSE_SOCKET = "license.sock"  # a fixed name (socket: in the file), which another process can hold
+
+
+def serve_license_on_a_held_socket(
+    kubelet: FakeKubelet, daemons: Callable[..., Daemon], config_path: str
+) -> tuple[Daemon, int, socket.socket]:
+    """The daemon serving TOKEN; LICENSE added while another process listens on its socket,
+    which stays open as long as the returned socket object does."""
     port = free_port()
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
     kubelet.wait_until(advertising(TOKEN, 2))
-    taken = os.path.join(kubelet.directory, "token-resource-example.com_license.sock")
-    with socket.socket(socket.AF_UNIX) as other:  # another process serves on the new socket
-        other.bind(taken)
-        other.listen()
-        write(config_path, config_text((TOKEN, 2), (LICENSE, 1)))
-        wait_for_http(port, "/readyz", 503, saying=f"{LICENSE}: cannot serve: another process is serving on {taken}")
-        assert get(port, "/healthz")[0] == 200  # a restart would not cure it
-        assert daemon.process.poll() is None and advertising(TOKEN, 2)(kubelet)
+    taken = os.path.join(kubelet.directory, LICENSE_SOCKET)
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(taken)
+    other.listen()
+    write(config_path, config_text((TOKEN, 2), (LICENSE, 1), sockets={LICENSE: LICENSE_SOCKET}))
+    wait_for_http(
+        port,
+        "/readyz",
+        503,
+        saying=f"{LICENSE}: not serving; retrying: another process is serving on {taken}; waiting for it to stop",
+    )
+    assert http_get(port, "/healthz")[0] == 200  # a restart would not cure it
+    assert daemon.process.poll() is None and advertising(TOKEN, 2)(kubelet)
+    assert LICENSE not in kubelet.resources
+    return daemon, port, other
+
+
+def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, daemons, config_path):
+    daemon, port, other = serve_license_on_a_held_socket(kubelet, daemons, config_path)
+    with other:
         write(config_path, config_text((TOKEN, 2)))  # withdrawn: ready again
         wait_for_http(port, "/readyz", 200)
+        assert daemon.process.poll() is None and LICENSE not in kubelet.resources
+
+
+@pytest.mark.parametrize("let_go", ["removed", "closed"])
+def test_a_resource_whose_socket_was_held_serves_once_it_is_let_go(kubelet, daemons, config_path, let_go):
+    daemon, port, other = serve_license_on_a_held_socket(kubelet, daemons, config_path)
+    with other:
+        if let_go == "removed":  # as a gRPC server stops: the daemon sees the file go, retries at once
+            os.unlink(os.path.join(kubelet.directory, LICENSE_SOCKET))
+    # "closed": the file stays, refusing connections; the next retry finds it stale and removes it.
+    kubelet.wait_until(advertising(LICENSE, 1), timeout=2 * BACKOFF_CAP_S)
+    assert [r.endpoint for r in kubelet.register_requests if r.resource_name == LICENSE] == [LICENSE_SOCKET]
+    wait_for_http(port, "/readyz", 200)
+    assert kubelet.admit("pod", "c", LICENSE, 1).ids == ("item-0",)
+    assert daemon.process.poll() is None  # no restart
+    assert daemon.log().count("cannot serve") == 1  # said once, however many retries
 
 
 def test_http_on_an_ipv6_address(kubelet, daemons):

@@ -1,7 +1,7 @@
 import pytest
 
 from token_resource import tokens
-from token_resource.device_plugin import AllocationError
+from token_resource.policy import AllocationError
 
 
 @pytest.mark.parametrize("count", [0, 1, 9, 10, 11, 99, 100, 101, 1000, 12345])
@@ -90,3 +90,34 @@ def test_preferred_reserves_nothing():
 )
 def test_preferred_never_refuses_it_advises(available, must, size, answer):
     assert tokens.TokenPolicy("example.com/token", 3).preferred(available, must, size) == answer
+
+
+def test_a_lowered_count_still_accepts_the_dropped_ids_but_never_suggests_them():
+    # The kubelet may pick a dropped ID until it has read the new snapshot; refusing it would
+    # fail that pod's admission.
+    before = tokens.TokenPolicy("example.com/token", 3)
+    after = before.reconfigured(1)
+    assert (after.resource, after.count) == ("example.com/token", 1)
+    assert [d.ID for d in after.devices().devices] == ["item-0"]
+    assert dict(after.allocate(["item-2"]).envs) == {"EXAMPLE_COM_TOKEN": "item-2"}
+    assert after.preferred(["item-2", "item-1", "item-0"], [], 2) == ["item-0"]
+    assert after.preferred(["item-2", "item-1"], ["item-2"], 1) == []
+    with pytest.raises(AllocationError) as raised:
+        after.allocate(["item-3"])
+    assert str(raised.value) == (
+        'Allocate: unknown token ID "item-3" for example.com/token: this node has item-0 to item-2'
+    )
+    assert before.count == 3 and before.allocate(["item-2"])  # the policy in force is never changed
+
+
+def test_only_the_count_just_replaced_stays_accepted():
+    policy = tokens.TokenPolicy("example.com/token", 3).reconfigured(1).reconfigured(2)
+    assert policy.allocate(["item-1"])
+    with pytest.raises(AllocationError, match='unknown token ID "item-2"'):
+        policy.allocate(["item-2"])
+
+
+def test_a_raised_count_accepts_and_suggests_the_new_ids():
+    policy = tokens.TokenPolicy("example.com/token", 1).reconfigured(3)
+    assert policy.allocate(["item-2"])
+    assert policy.preferred(["item-2", "item-1"], [], 2) == ["item-1", "item-2"]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from handoff.v1 import api_pb2, api_pb2_grpc
+from tokenresource.handoff.v1 import api_pb2, api_pb2_grpc
 
 
 class HandoffService(api_pb2_grpc.HandoffServicer):

@@ -198,6 +198,9 @@ class PluginRunner:
         # end means the kubelet let go; other streams (an older kubelet's, a tool's) do not.
         self._kubelet_stream: tuple[DevicePluginServicer, int] | None = None
         self._kubelet_stream_opened = 0.0
+        # The kubelet's stream from before STANDBY, while it stays open: a kubelet that tracks
+        # instances per socket (1.37+) still serves the resource through it.
+        self._standby_stream: tuple[DevicePluginServicer, int] | None = None
         self._attempted_kubelet: tuple[int, int, int] | None = None  # kubelet.sock of the last attempt
         self._waiting_logged = False
         self._successor: SuccessorWatch | None = None
@@ -269,6 +272,8 @@ class PluginRunner:
                 self._stream_opened(servicer, stream)
             case StreamClosed(servicer, stream) if (servicer, stream) == self._kubelet_stream:
                 self._kubelet_stream_closed()
+            case StreamClosed(servicer, stream) if (servicer, stream) == self._standby_stream:
+                self._standby_stream = None
             case StreamOpened() | StreamClosed():
                 pass  # a stream of a replaced server, or not the kubelet's: nothing to do
             case RegisterDone(future) if future is self._pending:
@@ -398,9 +403,14 @@ class PluginRunner:
             return False
         return True
 
+    def _unwatch_directory(self) -> None:
+        if self._subscription is not None and self._watcher is not None:
+            self._watcher.unsubscribe(self._subscription)
+        self._subscription = None
+
     def _stop_server(self) -> None:
         server, self.server = self.server, None
-        self._kubelet_stream = None
+        self._kubelet_stream = self._standby_stream = None
         if server is not None:
             server.stop()
 
@@ -410,9 +420,7 @@ class PluginRunner:
         self._cancel_pending()
         self._unfollow()
         self._stop_server()
-        if self._subscription is not None and self._watcher is not None:
-            self._watcher.unsubscribe(self._subscription)
-            self._subscription = None
+        self._unwatch_directory()
         self._set_phase(Phase.STOPPED)
         self._publish_status()
         logging.info("%s: stopped", self._resource)
@@ -425,7 +433,7 @@ class PluginRunner:
     def _directory_changed(self, name: str, mask: int) -> None:
         match kubelet.classify(name, mask):
             case DirectoryEvent.DIRECTORY_REMOVED:
-                self._subscription = None  # the kernel dropped the watch with the directory
+                self._unwatch_directory()  # a renamed directory would go on reporting its events
                 self._stop_server()
                 self._cannot_serve(f"the directory {self.endpoint.socket_dir} was removed")
             case DirectoryEvent.KUBELET_SOCKET_CREATED if not self._watcher_mode:
@@ -511,6 +519,13 @@ class PluginRunner:
         try:
             future.result()
         except grpc.RpcError as error:
+            if self._standby_stream is not None:
+                # Taking over, refused, while the kubelet still holds our earlier stream: a kubelet
+                # that tracks instances per socket (1.37+) never stopped serving through it.
+                logging.info("%s: the kubelet still holds this instance's stream; registered", self._resource)
+                self._kubelet_stream, self._standby_stream = self._standby_stream, None
+                self._registered()
+                return
             metrics.REGISTRATION_FAILURES.labels(self._resource).inc()
             delay = self._back_off()
             logging.warning(
@@ -680,7 +695,8 @@ class PluginRunner:
         )
         self._cancel_pending()
         self._stream_deadline = None
-        self._kubelet_stream = None  # whatever becomes of our stream now, we do not register again
+        # Whatever becomes of our stream now, we do not register again because it ends.
+        self._standby_stream, self._kubelet_stream = self._kubelet_stream, None
         self._set_phase(Phase.STANDBY)
 
     def _successor_gone(self) -> None:

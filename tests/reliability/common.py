@@ -24,7 +24,8 @@ def scaled(ci: int, full: int) -> int:
 
 
 def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
-    return [f"--plugin_dir={plugin_dir}", *extra]
+    """The daemon serving on SOCKET (a fixed name) in `plugin_dir`."""
+    return [f"--plugin_dir={plugin_dir}", f"--socket={SOCKET}", *extra]
 
 
 def channel(plugin_dir: str, **options) -> grpc.Channel:

@@ -1,14 +1,16 @@
 """The device-plugin directory missing, read-only, or removed under a running daemon.
 
-What a user gets (also in BENCHMARKS.md / README):
-- missing at start: exit 1 with "the device-plugin directory ... does not exist";
-- not writable at start: exit 1 with "cannot create the socket ...: is ... writable?";
+What a user gets (also in README.md beside this file):
+- missing at start: exit 1 with "the device-plugin directory ... does not exist" (a wrong
+  --plugin_dir or a missing mount is a deployment mistake, said at once);
+- not writable at start: exit 1 with "cannot create the socket in ...: is ... writable?";
 - made read-only while running: nothing happens until the kubelet restarts; then the daemon
-  cannot re-create its socket and exits 1 with the same message;
-- removed (or renamed) while running: exit 1 with "the device-plugin directory ... was
-  removed" (or "... does not exist" when the socket's removal is seen first), within moments;
-  the DaemonSet's restart brings it back once the kubelet has re-created the directory (the
-  daemon does not wait for it itself).
+  cannot re-create its socket, stays up and retries with back-off ("cannot create the socket
+  ...", in /readyz meanwhile), and serves and registers again once the directory is writable;
+- removed (or renamed) while running: the daemon stays up, stops serving and retries; /healthz
+  says "the device-plugin directory ... is missing" (in a pod the liveness probe restarts the
+  container, which mounts the directory anew); when the directory comes back at the same path
+  the same process watches it again, serves, and registers once kubelet.sock appears.
 Root ignores directory permissions, so the read-only cases run the daemon without
 CAP_DAC_OVERRIDE (setpriv), as a non-root container user would be.
 """
@@ -16,21 +18,40 @@ CAP_DAC_OVERRIDE (setpriv), as a non-root container user would be.
 import functools
 import os
 import shutil
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.daemon import short_tempdir
+from tests.daemon import Daemon, free_port, http_get, short_tempdir, wait_for_http
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
-from tests.reliability.common import RESOURCE, plugin_args
+from tests.reliability.common import RESOURCE, SOCKET, plugin_args
+from token_resource.lifecycle import BACKOFF_CAP_S
 
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
 
 
 @pytest.fixture
-def unprivileged(daemons):
+def unprivileged(daemons: Callable[..., Daemon]) -> Callable[..., Daemon]:
     """Starts the daemon through setpriv (util-linux), so directory permissions apply even
     to root."""
     return functools.partial(daemons, launcher=NO_DAC if os.geteuid() == 0 else ())
+
+
+@pytest.fixture
+def nested() -> Iterator[str]:
+    """A device-plugin directory path inside a temporary parent, so it can be removed and
+    re-created."""
+    parent = short_tempdir()
+    yield os.path.join(parent, "dp")
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def http_args(port: int) -> list[str]:
+    return [f"--http_port={port}", "--http_address=127.0.0.1"]
+
+
+def registered_again(registrations: int) -> Callable[[FakeKubelet], bool]:
+    return lambda k: len(k.register_requests) == registrations and advertising(RESOURCE, 2)(k)
 
 
 def test_missing_at_start_exits_1_with_a_clear_message(plugin_dir, daemons):
@@ -45,23 +66,33 @@ def test_not_writable_at_start_exits_1_with_a_clear_message(plugin_dir, unprivil
     os.chmod(plugin_dir, 0o555)
     daemon = unprivileged(*plugin_args(plugin_dir))
     assert daemon.wait(15) == 1
-    assert f"cannot create the socket {plugin_dir}/token-resource.sock" in daemon.log()
+    assert f"cannot create the socket in {plugin_dir}: is {plugin_dir} writable?" in daemon.log()
     assert "Traceback" not in daemon.log()
 
 
-def test_made_read_only_while_running_fails_at_the_next_kubelet_restart(plugin_dir, unprivileged):
+def test_made_read_only_while_running_it_retries_and_recovers_without_a_restart(plugin_dir, unprivileged):
     os.chmod(plugin_dir, 0o777)
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()
+    port = free_port()
     try:
-        daemon = unprivileged(*plugin_args(plugin_dir, "--count=2"))
+        daemon = unprivileged(*plugin_args(plugin_dir, "--count=2", *http_args(port)))
         kubelet.wait_until(advertising(RESOURCE, 2))
         os.chmod(plugin_dir, 0o555)
         # Serving goes on: the socket is already bound.
-        assert kubelet.admit("pod", "c", "example.com/token", 1).ids == ("item-0",)
+        assert kubelet.admit("pod", "c", RESOURCE, 1).ids == ("item-0",)
         kubelet.restart()  # deletes the daemon's socket, which it then cannot re-create
-        assert daemon.wait(15) == 1
-        assert "cannot create the socket" in daemon.log()
+        cannot = f"cannot create the socket {plugin_dir}/{SOCKET}: is {plugin_dir} writable?"
+        daemon.wait_for_log(cannot)
+        wait_for_http(port, "/readyz", 503, saying=f"{RESOURCE}: not serving; retrying: {cannot}")
+        assert http_get(port, "/healthz")[0] == 200  # the directory is there: a restart would not help
+        assert daemon.process.poll() is None
+        os.chmod(plugin_dir, 0o777)
+        kubelet.wait_until(registered_again(2), timeout=2 * BACKOFF_CAP_S)
+        wait_for_http(port, "/readyz", 200)
+        assert kubelet.admit("pod-2", "c", RESOURCE, 1).ids == ("item-1",)  # "pod" keeps item-0
+        assert daemon.process.poll() is None
+        assert daemon.log().count("cannot serve") == 1  # said once, however many retries
         assert "Traceback" not in daemon.log()
     finally:
         kubelet.stop()
@@ -69,32 +100,57 @@ def test_made_read_only_while_running_fails_at_the_next_kubelet_restart(plugin_d
 
 
 @pytest.mark.parametrize("how", ["removed", "renamed"])
-def test_removed_while_running_exits_1_and_a_restart_recovers(daemons, how):
-    parent = short_tempdir()
-    directory = os.path.join(parent, "dp")
+def test_removed_while_running_it_waits_and_the_same_process_recovers(nested, daemons, how):
+    directory = nested
+    kubelet = FakeKubelet(directory, Mode.E2)
+    kubelet.start()
+    port = free_port()
+    try:
+        daemon = daemons(*plugin_args(directory, "--count=2", *http_args(port)))
+        kubelet.wait_until(advertising(RESOURCE, 2))
+        kubelet.stop()
+        if how == "removed":
+            # rm -rf races the daemon, which serves again at once when its socket goes (as after
+            # a kubelet restart), so the directory may not be empty by rmdir: repeat, as a person would.
+            while os.path.exists(directory):
+                shutil.rmtree(directory, ignore_errors=True)
+        else:
+            os.rename(directory, directory + ".old")
+        daemon.wait_for_log(f"{directory} was removed")
+        wait_for_http(port, "/healthz", 503, saying=f"the device-plugin directory {directory} is missing")
+        wait_for_http(port, "/readyz", 503, saying=f"{RESOURCE}: not serving; retrying")
+        assert daemon.process.poll() is None
+        # The kubelet re-creates the directory and its socket: the same process serves and registers.
+        kubelet = FakeKubelet(directory, Mode.E2)
+        kubelet.start()
+        kubelet.wait_until(advertising(RESOURCE, 2), timeout=2 * BACKOFF_CAP_S)
+        assert kubelet.register_requests[0].endpoint == SOCKET
+        wait_for_http(port, "/healthz", 200)
+        wait_for_http(port, "/readyz", 200)
+        assert kubelet.admit("pod", "c", RESOURCE, 1).ids == ("item-0",)
+        assert daemon.process.poll() is None
+        assert "Traceback" not in daemon.log()
+    finally:
+        kubelet.stop()
+
+
+def test_the_renamed_away_directory_is_watched_no_more(nested, daemons):
+    directory = nested
     kubelet = FakeKubelet(directory, Mode.E2)
     kubelet.start()
     try:
         daemon = daemons(*plugin_args(directory, "--count=2"))
         kubelet.wait_until(advertising(RESOURCE, 2))
         kubelet.stop()
-        if how == "removed":
-            shutil.rmtree(directory)
-        else:
-            os.rename(directory, directory + ".old")
-        assert daemon.wait(15) == 1
-        # Which message depends on which inotify event the daemon handles first: the directory's
-        # own removal, or its socket's (then it finds no directory to serve in).
-        assert (
-            f"the device-plugin directory {directory} was removed" in daemon.log()
-            or f"the device-plugin directory {directory} does not exist" in daemon.log()
-        )
-        assert "Traceback" not in daemon.log()
-        # The kubelet re-creates the directory; the restarted daemon (DaemonSet) registers.
+        os.rename(directory, directory + ".old")
+        daemon.wait_for_log(f"{directory} was removed")
         kubelet = FakeKubelet(directory, Mode.E2)
         kubelet.start()
-        daemons(*plugin_args(directory, "--count=2"))
-        kubelet.wait_until(advertising(RESOURCE, 2))
+        kubelet.wait_until(advertising(RESOURCE, 2), timeout=2 * BACKOFF_CAP_S)
+        registrations = len(kubelet.register_requests)
+        shutil.rmtree(directory + ".old")  # nothing to do with the plugin any more
+        with pytest.raises(TimeoutError):  # no new Register: the daemon kept serving
+            kubelet.wait_until(lambda k: len(k.register_requests) > registrations, timeout=3)
+        assert daemon.log().count("was removed") == 1
     finally:
         kubelet.stop()
-        shutil.rmtree(parent, ignore_errors=True)

@@ -23,7 +23,7 @@ from tests.reliability.common import (
 )
 from tests.reliability.rogue_kubelet import Behaviour, RogueKubelet
 from token_resource import tokens
-from token_resource.lifecycle import SERVER_THREADS
+from token_resource.plugin_server import SERVER_THREADS
 
 MAX_COUNT = tokens.max_count()  # the largest snapshot the kubelet can receive
 
@@ -49,9 +49,10 @@ def test_reregisters_each_time_the_stream_is_closed_at_once_backing_off(plugin_d
         daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
         rogue.wait_until(lambda k: len(k.register_times) == 5 and k.open_streams == 1 and k.snapshots == 5, timeout=30)
         gaps = [b - a for a, b in itertools.pairwise(rogue.register_times)]
-        # the back-off grows (0.25-0.5 s, 0.5-1 s, 1-2 s, 2-4 s): no Register loop against a
-        # kubelet that keeps dropping the stream
-        assert gaps[0] >= 0.25 and gaps[-1] >= 2.0 and gaps[-1] > gaps[0], gaps
+        # The first drop costs nothing (a kubelet 1.25-1.36 drops a new stream once when the
+        # instance it replaced disconnects); then the back-off grows (0.25-0.5 s, 0.5-1 s, 1-2 s):
+        # no Register loop against a kubelet that keeps dropping the stream.
+        assert gaps[0] < gaps[1] and gaps[1] >= 0.25 and gaps[-1] >= 1.0 and gaps[-1] > gaps[1], gaps
         ch = channel(plugin_dir)
         assert stub(ch).Allocate(allocate_request(["item-0"]), timeout=10).container_responses
         ch.close()
