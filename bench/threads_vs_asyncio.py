@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,7 @@ class Server:
         self._log.close()
         if self.kubelet is not None:
             self.kubelet.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _has_snapshot(kubelet: FakeKubelet, resource: str) -> bool:
