@@ -15,6 +15,10 @@ import grpc
 
 from tokenresource.handoff.v1 import api_pb2, api_pb2_grpc
 
+# Each Watch pins a server thread, like a ListAndWatch stream; an older instance holds one. Beyond
+# this many the oldest is ended, so a flood can never leave Allocate without a thread.
+MAX_WATCHES = 2
+
 
 class HandoffService(api_pb2_grpc.HandoffServicer):
     """This instance's side: its registration state, streamed to every watcher."""
@@ -26,6 +30,8 @@ class HandoffService(api_pb2_grpc.HandoffServicer):
         self._registered = False
         self._generation = 0
         self._closed = False
+        self._watches: list[int] = []  # ids of the open Watch streams, oldest first
+        self._next_watch = 0
 
     def add_to_server(self, server: grpc.Server) -> None:
         api_pb2_grpc.add_HandoffServicer_to_server(self, server)
@@ -47,17 +53,31 @@ class HandoffService(api_pb2_grpc.HandoffServicer):
         if request.resource != self._resource:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this socket serves {self._resource}")
         context.add_callback(self._wake)
-        sent = -1
-        while True:
+        with self._changed:
+            watch = self._next_watch
+            self._next_watch += 1
+            self._watches.append(watch)
+            if len(self._watches) > MAX_WATCHES:
+                self._watches.pop(0)  # the oldest ends at its next wake-up
+                self._changed.notify_all()
+        try:
+            sent = -1
+            while True:
+                with self._changed:
+                    self._changed.wait_for(functools.partial(self._news, watch, context, sent))
+                    if watch not in self._watches:
+                        context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Watch")
+                    if self._closed or not context.is_active():
+                        return
+                    sent, registered = self._generation, self._registered
+                yield api_pb2.InstanceState(instance=self._instance, registered=registered)
+        finally:
             with self._changed:
-                self._changed.wait_for(functools.partial(self._news, context, sent))
-                if self._closed or not context.is_active():
-                    return
-                sent, registered = self._generation, self._registered
-            yield api_pb2.InstanceState(instance=self._instance, registered=registered)
+                if watch in self._watches:
+                    self._watches.remove(watch)
 
-    def _news(self, context: grpc.ServicerContext, sent: int) -> bool:
-        return self._closed or not context.is_active() or self._generation != sent
+    def _news(self, watch: int, context: grpc.ServicerContext, sent: int) -> bool:
+        return self._closed or watch not in self._watches or not context.is_active() or self._generation != sent
 
     def _wake(self) -> None:
         with self._changed:

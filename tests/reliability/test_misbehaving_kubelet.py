@@ -5,11 +5,14 @@ import concurrent.futures
 import itertools
 import os
 import socket
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
-from deviceplugin.v1beta1 import api_pb2
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests.conftest import StartDaemon
+from tests.daemon import Daemon
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability import procfs
 from tests.reliability.common import (
@@ -24,11 +27,13 @@ from tests.reliability.common import (
 from tests.reliability.rogue_kubelet import Behaviour, RogueKubelet
 from token_resource import tokens
 from token_resource.plugin_server import SERVER_THREADS
+from tokenresource.handoff.v1 import api_pb2 as handoff_pb2
+from tokenresource.handoff.v1 import api_pb2_grpc as handoff_pb2_grpc
 
 MAX_COUNT = tokens.max_count()  # the largest snapshot the kubelet can receive
 
 
-def test_reregisters_when_listandwatch_never_comes(plugin_dir, daemons):
+def test_reregisters_when_listandwatch_never_comes(plugin_dir: str, daemons: StartDaemon) -> None:
     rogue = RogueKubelet(plugin_dir, [Behaviour.OK_NO_STREAM])
     rogue.start()
     try:
@@ -41,7 +46,7 @@ def test_reregisters_when_listandwatch_never_comes(plugin_dir, daemons):
         rogue.stop()
 
 
-def test_reregisters_each_time_the_stream_is_closed_at_once_backing_off(plugin_dir, daemons):
+def test_reregisters_each_time_the_stream_is_closed_at_once_backing_off(plugin_dir: str, daemons: StartDaemon) -> None:
     # Four immediately closed streams, then one that the kubelet keeps.
     rogue = RogueKubelet(plugin_dir, [Behaviour.CLOSE_STREAM] * 4 + [Behaviour.GOOD])
     rogue.start()
@@ -62,7 +67,7 @@ def test_reregisters_each_time_the_stream_is_closed_at_once_backing_off(plugin_d
         rogue.stop()
 
 
-def test_a_hanging_register_is_abandoned_when_the_kubelet_restarts(plugin_dir, daemons):
+def test_a_hanging_register_is_abandoned_when_the_kubelet_restarts(plugin_dir: str, daemons: StartDaemon) -> None:
     rogue = RogueKubelet(plugin_dir, [Behaviour.HANG])
     rogue.start()
     daemon = daemons(*plugin_args(plugin_dir, "--count=2"))
@@ -78,8 +83,12 @@ def test_a_hanging_register_is_abandoned_when_the_kubelet_restarts(plugin_dir, d
         kubelet.stop()
 
 
+# The daemon's directory, the daemon, and a stub on a channel to it.
+BigDaemon = tuple[str, Daemon, api_pb2_grpc.DevicePluginStub]
+
+
 @pytest.fixture(scope="module")
-def big_daemon():
+def big_daemon() -> Iterator[BigDaemon]:
     """One daemon with the largest accepted token count, serving without a kubelet."""
     from tests.daemon import Daemon, short_tempdir
 
@@ -98,7 +107,7 @@ def big_daemon():
         assert "Traceback" not in log, log[-3000:]
 
 
-def _code(call) -> grpc.StatusCode:
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
     try:
         call()
     except grpc.RpcError as error:
@@ -126,13 +135,16 @@ def _code(call) -> grpc.StatusCode:
         ([["item-0"], ["item-1", "nope"]], "unknown token ID"),
     ],
 )
-def test_allocate_refuses_bad_ids_with_invalid_argument(big_daemon, containers, message):
+def test_allocate_refuses_bad_ids_with_invalid_argument(
+    big_daemon: BigDaemon, containers: list[list[str]], message: str
+) -> None:
     _, daemon, plugin = big_daemon
     with pytest.raises(grpc.RpcError) as raised:
         plugin.Allocate(allocate_request(*containers), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in raised.value.details()
-    assert len(raised.value.details()) < 2000  # a 100 kB ID is not echoed back whole
+    details = raised.value.details()
+    assert details is not None and message in details
+    assert len(details) < 2000  # a 100 kB ID is not echoed back whole
     assert daemon.process.poll() is None
 
 
@@ -149,7 +161,9 @@ def test_allocate_refuses_bad_ids_with_invalid_argument(big_daemon, containers, 
         (["item-2", "item-2", "item-1"], [], 2, grpc.StatusCode.OK),
     ],
 )
-def test_preferred_allocation_status_codes(big_daemon, available, must, size, code):
+def test_preferred_allocation_status_codes(
+    big_daemon: BigDaemon, available: list[str], must: list[str], size: int, code: grpc.StatusCode
+) -> None:
     _, _, plugin = big_daemon
     request = api_pb2.PreferredAllocationRequest(
         container_requests=[
@@ -161,7 +175,7 @@ def test_preferred_allocation_status_codes(big_daemon, available, must, size, co
     assert _code(lambda: plugin.GetPreferredAllocation(request, timeout=10)) == code
 
 
-def test_huge_requests(big_daemon):
+def test_huge_requests(big_daemon: BigDaemon) -> None:
     _, daemon, plugin = big_daemon
     every = [f"item-{i}" for i in range(MAX_COUNT)]
     # All tokens in one Allocate (2.3 MB request, 2.1 MB answer).
@@ -189,7 +203,7 @@ def test_huge_requests(big_daemon):
     assert daemon.process.poll() is None
 
 
-def test_clients_that_vanish_mid_call(big_daemon):
+def test_clients_that_vanish_mid_call(big_daemon: BigDaemon) -> None:
     directory, daemon, _ = big_daemon
     every = allocate_request([f"item-{i}" for i in range(MAX_COUNT)])
     before_threads, before_fds = procfs.threads(daemon.pid), procfs.fds(daemon.pid)
@@ -233,13 +247,32 @@ def test_clients_that_vanish_mid_call(big_daemon):
     assert daemon.process.poll() is None
 
 
-def test_many_streams_do_not_starve_allocate(big_daemon):
+def test_many_streams_do_not_starve_allocate(big_daemon: BigDaemon) -> None:
     """Streams pin a worker each; twice as many streams as the pool has workers must still
     leave Allocate answering (the daemon ends the oldest beyond a few)."""
     directory, daemon, plugin = big_daemon
     ch = channel(directory, **{"grpc.max_receive_message_length": 64 * 1024 * 1024})
     # held in a list: a call object that is garbage collected is cancelled
     _streams = [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(2 * SERVER_THREADS)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(plugin.Allocate, allocate_request([f"item-{i}"]), timeout=5) for i in range(2)]
+            for f in futures:
+                assert f.result().container_responses
+    finally:
+        ch.close()
+    assert daemon.process.poll() is None
+
+
+def test_many_handoff_watches_do_not_starve_allocate(big_daemon: BigDaemon) -> None:
+    """Handoff.Watch streams (an older instance follows a newer one with one) pin a worker each
+    too: a flood of them, with every ListAndWatch the cap allows, still leaves Allocate answering."""
+    directory, daemon, plugin = big_daemon
+    ch = channel(directory, **{"grpc.max_receive_message_length": 64 * 1024 * 1024})
+    watch = handoff_pb2_grpc.HandoffStub(ch).Watch
+    # held in lists: a call object that is garbage collected is cancelled
+    _streams = [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(SERVER_THREADS)]
+    _watches = [watch(handoff_pb2.WatchRequest(resource=RESOURCE)) for _ in range(2 * SERVER_THREADS)]
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(plugin.Allocate, allocate_request([f"item-{i}"]), timeout=5) for i in range(2)]
