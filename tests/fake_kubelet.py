@@ -27,13 +27,22 @@ is modelled on the kubelet's own bookkeeping, not flagged:
 * E3 (1.37+, PR #135437): clients are tracked per (resource name, socket path); the end of one
   instance's stream disconnects only that instance, and the resource is marked unhealthy only
   when its last instance goes. A Register naming a socket path that is still tracked is refused.
+
+With `registry_dir` (Mode.E1 only), the fake also runs the 1.20 kubelet's plugin manager for
+device plugins (protocol doc §7.6; `_PluginManager` below says which source each part follows):
+sockets found in the registry directory are asked GetInfo, validated, and registered through the
+device manager's watcher handler, whose endpoints share the E1 bookkeeping above.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
+import functools
+import itertools
 import os
 import re
+import select
 import stat
 import threading
 import time
@@ -41,8 +50,11 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple, NoReturn
 
 import grpc
+import inotify_simple
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from pluginregistration.v1 import api_pb2 as registration_pb2
+from pluginregistration.v1 import api_pb2_grpc as registration_pb2_grpc
 
 KUBELET_SOCKET = "kubelet.sock"
 CHECKPOINT = "kubelet_internal_checkpoint"
@@ -60,11 +72,63 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _NAME_PART = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
+# The plugin watcher (1.20): pluginmanager/operationexecutor/operation_generator.go and
+# plugin_manager.go, util/goroutinemap/exponentialbackoff.
+DEVICE_PLUGIN_TYPE = "DevicePlugin"
+GET_INFO_TIMEOUT_S = 1.0
+NOTIFY_TIMEOUT_S = 5.0
+RECONCILE_PERIOD_S = 1.0  # loopSleepDuration
+BACKOFF_INITIAL_S = 0.5  # initialDurationBeforeRetry
+BACKOFF_MAX_S = 122.0  # maxDurationBeforeRetry (2m2s)
+# GetDevicePluginOptions has no deadline on this route (context.Background()); a bound keeps a
+# broken test from hanging, far beyond the 1 s after which it is recorded as a violation.
+_OPTIONS_TIMEOUT_S = 30.0
+# inotify events the watcher reacts to: fsnotify maps CREATE and MOVED_TO to Create, DELETE and
+# DELETE_SELF to Remove; MOVED_FROM is a Rename, which plugin_watcher.go ignores.
+_WATCH_MASK = (
+    inotify_simple.flags.CREATE
+    | inotify_simple.flags.MOVED_TO
+    | inotify_simple.flags.DELETE
+    | inotify_simple.flags.DELETE_SELF
+)
+
 
 class Mode(enum.Enum):
     E1 = "1.20-1.24: Register answers at once; dial and ListAndWatch follow; one endpoint per resource"
     E2 = "1.25-1.36: Register dials back and calls GetDevicePluginOptions first; one client per resource name"
     E3 = "1.37+ (PR #135437): as E2, with plugin instances tracked per (resource, socket path)"
+
+
+@dataclasses.dataclass(frozen=True)
+class WatcherTiming:
+    """The plugin manager's constants: the kubelet's own by default; tests shorten them."""
+
+    reconcile_period: float = RECONCILE_PERIOD_S
+    backoff_initial: float = BACKOFF_INITIAL_S
+    backoff_max: float = BACKOFF_MAX_S
+    dial_timeout: float = DIAL_TIMEOUT_S
+
+
+# Short enough for tests to run in seconds, same shape as the kubelet's.
+FAST_WATCHER = WatcherTiming(reconcile_period=0.05, backoff_initial=0.1, backoff_max=1.0, dial_timeout=2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatcherAttempt:
+    """One RegisterPlugin operation of the plugin manager on a registry socket."""
+
+    socket_path: str
+    info: registration_pb2.PluginInfo | None  # GetInfo's answer, if there was one
+    error: str | None  # the operation's error (it is retried if the plugin is not recorded), None: registered
+    time: float  # time.monotonic() at the end
+
+
+class Notification(NamedTuple):
+    """A NotifyRegistrationStatus the kubelet sent."""
+
+    socket_path: str
+    registered: bool
+    error: str
 
 
 class AdmissionError(Exception):
@@ -177,6 +241,19 @@ def advertising(resource: str, count: int, registrations: int | None = None) -> 
     return predicate
 
 
+def reconciler_passes(count: int) -> Callable[["FakeKubelet"], bool]:
+    """A wait_until predicate: `count` more passes of the plugin watcher's reconciler from the
+    first evaluation (to see that nothing more happens, e.g. no retry)."""
+    target: list[int] = []
+
+    def predicate(kubelet: "FakeKubelet") -> bool:
+        if not target:
+            target.append(kubelet.reconciles + count)
+        return kubelet.reconciles >= target[0]
+
+    return predicate
+
+
 class FakeKubelet:
     """Serves Registration on <directory>/kubelet.sock and drives registered plugins."""
 
@@ -188,9 +265,16 @@ class FakeKubelet:
         e1_dial: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         grace_period: float = STOP_GRACE_PERIOD_S,
+        registry_dir: str | None = None,
+        watcher: WatcherTiming = WatcherTiming(),
     ) -> None:
+        if registry_dir is not None and mode is not Mode.E1:
+            raise ValueError("the plugin watcher is modelled on the 1.20 kubelet: use Mode.E1 with registry_dir")
         self.directory = directory
         self.mode = mode
+        # The plugin watcher's directory (plugins_registry), or None for no plugin watcher.
+        self.registry_dir = registry_dir
+        self.watcher = watcher
         self.supported_versions = list(SUPPORTED_VERSIONS)
         # E1 only: the background dial waits for this event (set = dial at once). Never setting
         # it models the silent E1 failure in which the plugin is never called back.
@@ -206,6 +290,15 @@ class FakeKubelet:
         self.preferred_calls = 0
         self.prestart_calls = 0
         self.restarts = 0
+        # The plugin watcher: every RegisterPlugin operation, NotifyRegistrationStatus sent,
+        # and DeRegisterPlugin as (socket path, resource name).
+        self.watcher_attempts: list[WatcherAttempt] = []
+        self.notifications: list[Notification] = []
+        self.deregistrations: list[tuple[str, str]] = []
+        self.reconciles = 0  # passes of the plugin manager's reconciler (to wait for "nothing happened")
+        self._register_plugin_failures: list[str | None] = []
+        self._routes: dict[str, set[str]] = {}  # resource -> routes it registered by, this run
+        self._plugin_manager: _PluginManager | None = None
         self._state = threading.Condition()
         self._server: grpc.Server | None = None
         self._life = 0  # bumped when the kubelet stops: the new run ignores the old run's streams
@@ -217,7 +310,8 @@ class FakeKubelet:
         return os.path.join(self.directory, KUBELET_SOCKET)
 
     def start(self) -> None:
-        """Starts like the kubelet: delete every socket, then listen on kubelet.sock."""
+        """Starts like the kubelet: delete every socket, then listen on kubelet.sock; then, with
+        a registry directory, the plugin manager (which never deletes anything there)."""
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)
@@ -228,9 +322,17 @@ class FakeKubelet:
         server.add_insecure_port(f"unix:{self.socket_path}")
         server.start()
         self._server = server
+        if self.registry_dir is not None:
+            with self._state:
+                self._routes.clear()
+            self._plugin_manager = _PluginManager(self, self.registry_dir, self.watcher)
+            self._plugin_manager.start()
 
     def stop(self) -> None:
         """Goes away like a dying kubelet: closes every plugin connection and its socket."""
+        if self._plugin_manager is not None:
+            self._plugin_manager.stop()
+            self._plugin_manager = None
         if self._server is not None:
             self._server.stop(None).wait()
             self._server = None
@@ -246,9 +348,10 @@ class FakeKubelet:
             channel.close()
 
     def restart(self) -> None:
-        """A kubelet restart: stop, then start (which deletes the plugins' sockets). The new
-        kubelet knows the resources from its checkpoint only: stopped endpoints, no devices,
-        options unknown until the plugin registers again (§7.5)."""
+        """A kubelet restart: stop, then start (which deletes the plugins' sockets, but not the
+        registry's: the new plugin manager registers those again by itself). The new kubelet
+        knows the resources from its checkpoint only: stopped endpoints, no devices, options
+        unknown until the plugin registers again (§7.5)."""
         self.stop()
         with self._state:
             self.restarts += 1
@@ -307,8 +410,28 @@ class FakeKubelet:
                 for name, r in self.resources.items()
             )
             + f"; registrations {len(self.register_requests)}; errors {self.register_errors}"
+            + (
+                f"; plugin watcher: registered {self.registered_plugins()}, "
+                f"attempts {len(self.watcher_attempts)}, notifications {self.notifications}, "
+                f"deregistrations {self.deregistrations}"
+                if self.registry_dir is not None
+                else ""
+            )
             + f"; violations {self.violations}"
         )
+
+    def registered_plugins(self) -> dict[str, str]:
+        """The plugin manager's actual state of the world: {registry socket path: resource}."""
+        manager = self._plugin_manager
+        return manager.registered() if manager is not None else {}
+
+    def fail_register_plugin(self, times: int = 1, error: str | None = None) -> None:
+        """Test hook: the next `times` RegisterPlugin calls of the watcher handler fail, after the
+        plugin passed validation, with `error` (default: the dial of its endpoint timing out),
+        without dialling. The kubelet then notifies the failure and never retries
+        (kubernetes#127457)."""
+        with self._state:
+            self._register_plugin_failures += [error] * times
 
     def resource(self, name: str) -> Resource:
         with self._state:
@@ -365,6 +488,7 @@ class FakeKubelet:
         if not request.endpoint or "/" in request.endpoint:
             self._violation(f"endpoint {request.endpoint!r} is not a bare file name")
         name = request.resource_name
+        self._note_route(name, KUBELET_SOCKET)
         with self._state:
             resource = self.resources.setdefault(name, Resource())
             resource.registrations.append(Registration(request.endpoint, time.monotonic()))
@@ -456,15 +580,21 @@ class FakeKubelet:
         connection: Connection,
         channel: grpc.Channel,
         options: api_pb2.DevicePluginOptions,
-    ) -> None:
-        """The registration succeeded: the connection becomes the resource's endpoint."""
+        same_life: bool = False,
+    ) -> bool:
+        """The registration succeeded: the connection becomes the resource's endpoint. With
+        `same_life`, False (and the channel closed) if the kubelet that made it has stopped."""
         with self._state:
+            if same_life and connection.life != self._life:
+                channel.close()
+                return False
             connection.channel, connection.options, connection.stream_open = channel, options, True
             resource.connections.append(connection)
             self._make_current(resource, connection)
             resource.streams_opened += 1
             self._state.notify_all()
         threading.Thread(target=self._read_stream, args=(resource, connection), daemon=True).start()
+        return True
 
     def _make_current(self, resource: Resource, connection: Connection) -> None:
         resource.current = connection
@@ -562,6 +692,81 @@ class FakeKubelet:
         if any(d.health not in ("Healthy", "Unhealthy") for d in snapshot.devices):
             self._violation(f"{name}: a device health is neither Healthy nor Unhealthy")
 
+    # The device manager's plugin-watcher handler (1.20 manager.go) -----------------------------
+
+    def _note_route(self, name: str, route: str) -> None:
+        """Checklist 36: one registration route per resource, never both."""
+        if self.registry_dir is None:
+            return
+        with self._state:
+            routes = self._routes.setdefault(name, set())
+            if route not in routes and routes:
+                self.violations.append(f"{name}: registered both on kubelet.sock and through the plugin watcher")
+                self._state.notify_all()
+            routes.add(route)
+
+    def _validate_plugin(self, name: str, endpoint: str, versions: list[str]) -> str | None:
+        """ValidatePlugin: the error text, or None."""
+        if not set(versions) & set(self.supported_versions):
+            listed = " ".join(versions)
+            return f"manager version, {SUPPORTED_VERSIONS[0]}, is not among plugin supported versions [{listed}]"
+        if not is_extended_resource_name(name):
+            return f'invalid name of device plugin socket: the ResourceName "{name}" is invalid'
+        return None
+
+    def _register_plugin(self, name: str, endpoint: str, life: int) -> str | None:
+        """RegisterPlugin: dial the endpoint (10 s), GetDevicePluginOptions, registerEndpoint and
+        runEndpoint as in E1 (so the resource goes unhealthy when the current endpoint's stream
+        ends). The error text, or None."""
+        self._note_route(name, "plugin watcher")
+        resource = self.resource(name)
+        dial_failed = (
+            f"failed to dial device plugin with socketPath {endpoint}: "
+            "failed to dial device plugin: context deadline exceeded"
+        )
+        with self._state:
+            resource.registrations.append(Registration(endpoint, time.monotonic()))
+            injected = bool(self._register_plugin_failures)
+            injected_error = self._register_plugin_failures.pop(0) if injected else None
+            self._state.notify_all()
+        if injected:
+            return injected_error or dial_failed
+        self._await_cleanups(resource)  # as in E1: a closed endpoint is cleaned up before the next
+        channel = grpc.insecure_channel(f"unix://{endpoint}", options=[("grpc.default_authority", endpoint)])
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.watcher.dial_timeout)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            return dial_failed
+        started = time.monotonic()
+        try:
+            options = api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                api_pb2.Empty(), timeout=_OPTIONS_TIMEOUT_S
+            )
+        except grpc.RpcError as error:
+            channel.close()
+            return f"failed to get device plugin options: {_go_error(error)}"
+        if time.monotonic() - started > 1.0:
+            self._violation("GetDevicePluginOptions took more than 1 s")
+        if not self._start_stream(resource, Connection(name, endpoint, life), channel, options, same_life=True):
+            return "the kubelet stopped"
+        return None
+
+    def _deregister_plugin(self, name: str, socket_path: str) -> None:
+        """DeRegisterPlugin(name): stops the resource's current endpoint, whichever socket it
+        came from (keyed by name); its runEndpoint then marks the resource unhealthy."""
+        with self._state:
+            self.deregistrations.append((socket_path, name))
+            resource = self.resources.get(name)
+            channels: list[grpc.Channel] = []
+            if resource is not None and resource.current is not None:
+                channels = self._close(resource.current)
+                if not channels:
+                    resource.stopped_at = self.clock()  # e.stop() stamps the stop time again
+            self._state.notify_all()
+        for channel in channels:
+            channel.close()
+
     # Admission ---------------------------------------------------------------------------------
 
     def admit(self, pod: str, container: str, resource_name: str, count: int) -> Allocation:
@@ -657,3 +862,282 @@ class _Registration(api_pb2_grpc.RegistrationServicer):
 
     def Register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         return self._kubelet._register(request, context)
+
+
+def _go_error(error: grpc.RpcError) -> str:
+    """A gRPC error as the kubelet (Go) prints it."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = "context deadline exceeded"
+    name = "".join(part.capitalize() for part in code.name.split("_")) if code is not grpc.StatusCode.OK else "OK"
+    return f"rpc error: code = {name} desc = {details}"
+
+
+@dataclasses.dataclass
+class _Operation:
+    """goroutinemap's entry for one socket path: one operation at a time, exponential back-off
+    after a failed one (exponentialbackoff.go); a successful one removes the entry."""
+
+    pending: bool = True
+    delay: float = 0.0
+    failed_at: float = 0.0
+
+
+class _PluginManager:
+    """One run of the 1.20 kubelet's plugin manager for the registry directory.
+
+    * pluginwatcher/plugin_watcher.go: creates the directory, watches it with inotify (and every
+      subdirectory, found at start or created later), walks it at start and treats each socket
+      found as created. Create (CREATE, MOVED_TO) of a socket whose name does not start with "."
+      adds it to the desired state with a new timestamp; Remove (DELETE) removes it; other files
+      and MOVED_FROM are ignored.
+    * reconciler/reconciler.go: every `reconcile_period` (1 s), unregisters the plugins in the
+      actual state that are no longer desired or whose timestamp changed (a re-created socket),
+      then registers each desired plugin not in the actual state with its timestamp.
+    * operationexecutor: one operation per socket path at a time; a failed one blocks the next
+      for 0.5 s, doubling to 2m2s. RegisterPlugin (operation_generator.go): dial (10 s),
+      GetInfo (1 s), handler by type, ValidatePlugin, then the plugin is added to the actual
+      state *before* the handler's RegisterPlugin, so a failure there is notified but never
+      retried (kubernetes#127457); success is notified (5 s deadline). UnregisterPlugin removes
+      it from the actual state and calls DeRegisterPlugin(name).
+    """
+
+    def __init__(self, kubelet: FakeKubelet, directory: str, timing: WatcherTiming) -> None:
+        self._kubelet = kubelet
+        self.directory = directory
+        self._timing = timing
+        self._life = kubelet._life
+        self._lock = threading.Lock()
+        self._desired: dict[str, int] = {}  # socket path -> timestamp
+        self._actual: dict[str, tuple[int, str]] = {}  # socket path -> (timestamp, resource name)
+        self._operations: dict[str, _Operation] = {}
+        self._timestamps = itertools.count(1)
+        self._stopped = threading.Event()
+        self._inotify = inotify_simple.INotify()
+        self._watched: dict[int, str] = {}  # watch descriptor -> directory
+        self._wake_read, self._wake_write = os.pipe()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        self._traverse(self.directory)
+        for target, name in ((self._watch, "plugin-watcher"), (self._reconcile_loop, "plugin-reconciler")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """The kubelet dies: the watcher and the reconciler stop; operations in flight see it and
+        give up, and the next run starts from an empty state."""
+        self._stopped.set()
+        os.write(self._wake_write, b"x")
+        for thread in self._threads:
+            thread.join()
+        self._inotify.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def registered(self) -> dict[str, str]:
+        with self._lock:
+            return {path: name for path, (_, name) in self._actual.items()}
+
+    # The watcher ------------------------------------------------------------------------------
+
+    def _traverse(self, directory: str) -> None:
+        """traversePluginDir: watch the directory, then its subdirectories and sockets."""
+        try:
+            self._watched[self._inotify.add_watch(directory, _WATCH_MASK)] = directory
+        except OSError:
+            return
+        for root, dirs, files in os.walk(directory):
+            for name in sorted(dirs):
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    self._watched[self._inotify.add_watch(path, _WATCH_MASK)] = path
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                try:
+                    is_socket = stat.S_ISSOCK(os.lstat(path).st_mode)
+                except OSError:
+                    continue
+                if is_socket:
+                    self._created(path)
+
+    def _created(self, path: str) -> None:
+        """handleCreateEvent."""
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return  # gone already
+        if os.path.basename(path).startswith("."):
+            return
+        if stat.S_ISDIR(mode):
+            self._traverse(path)
+        elif stat.S_ISSOCK(mode):
+            with self._lock:
+                self._desired[path] = next(self._timestamps)
+
+    def _watch(self) -> None:
+        while not self._stopped.is_set():
+            ready, _, _ = select.select([self._inotify.fd, self._wake_read], [], [])
+            if self._wake_read in ready:
+                return
+            for event in self._inotify.read(timeout=0):
+                directory = self._watched.get(event.wd)
+                if directory is None or event.mask & inotify_simple.flags.IGNORED:
+                    continue
+                path = os.path.join(directory, event.name) if event.name else directory
+                if event.mask & (inotify_simple.flags.CREATE | inotify_simple.flags.MOVED_TO):
+                    self._created(path)
+                elif event.mask & (inotify_simple.flags.DELETE | inotify_simple.flags.DELETE_SELF):
+                    with self._lock:
+                        self._desired.pop(path, None)
+
+    # The reconciler ---------------------------------------------------------------------------
+
+    def _reconcile_loop(self) -> None:
+        while True:
+            self._reconcile()
+            if self._stopped.wait(self._timing.reconcile_period):
+                return
+
+    def _reconcile(self) -> None:
+        kubelet = self._kubelet
+        with kubelet._state:
+            kubelet.reconciles += 1
+            kubelet._state.notify_all()
+        with self._lock:
+            for path, (timestamp, name) in list(self._actual.items()):
+                if self._desired.get(path) != timestamp:
+                    self._run(path, functools.partial(self._unregister, path, name))
+            for path, timestamp in list(self._desired.items()):
+                if path not in self._actual or self._actual[path][0] != timestamp:
+                    self._run(path, functools.partial(self._register, path, timestamp))
+
+    def _run(self, path: str, operation: Callable[[], str | None]) -> None:
+        """goroutinemap Run, under self._lock."""
+        existing = self._operations.get(path)
+        if existing is not None:
+            if existing.pending or time.monotonic() - existing.failed_at <= existing.delay:
+                return
+            existing.pending = True
+        else:
+            self._operations[path] = _Operation()
+        threading.Thread(target=self._complete, args=(path, operation), daemon=True).start()
+
+    def _complete(self, path: str, operation: Callable[[], str | None]) -> None:
+        error = operation()
+        with self._lock:
+            entry = self._operations[path]
+            if error is None:
+                del self._operations[path]
+                return
+            entry.delay = (
+                self._timing.backoff_initial if entry.delay == 0 else min(2 * entry.delay, self._timing.backoff_max)
+            )
+            entry.failed_at = time.monotonic()
+            entry.pending = False
+
+    def _unregister(self, path: str, name: str) -> str | None:
+        with self._lock:
+            self._actual.pop(path, None)
+        if self._stopped.is_set():
+            return None
+        self._kubelet._deregister_plugin(name, path)
+        return None
+
+    def _register(self, path: str, timestamp: int) -> str | None:
+        """GenerateRegisterPluginFunc: the operation's error, or None."""
+        kubelet = self._kubelet
+        channel = grpc.insecure_channel(f"unix://{path}")
+        try:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=self._timing.dial_timeout)
+            except grpc.FutureTimeoutError:
+                return self._record(
+                    path,
+                    None,
+                    f"RegisterPlugin error -- dial failed at socket {path}, err: failed to dial socket {path}, "
+                    "err: context deadline exceeded",
+                )
+            if self._stopped.is_set():
+                return "the kubelet stopped"
+            stub = registration_pb2_grpc.RegistrationStub(channel)
+            try:
+                info = stub.GetInfo(registration_pb2.InfoRequest(), timeout=GET_INFO_TIMEOUT_S)
+            except grpc.RpcError as error:
+                if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    kubelet._violation(f"plugin watcher: GetInfo at {path} took more than {GET_INFO_TIMEOUT_S:.0f} s")
+                return self._record(
+                    path,
+                    None,
+                    f"RegisterPlugin error -- failed to get plugin info using RPC GetInfo at socket {path}, "
+                    f"err: {_go_error(error)}",
+                )
+            if self._stopped.is_set():
+                return "the kubelet stopped"
+            if info.type != DEVICE_PLUGIN_TYPE:
+                text = f"RegisterPlugin error -- no handler registered for plugin type: {info.type} at socket {path}"
+                return self._record(path, info, self._notify(stub, path, False, text) or text)
+            endpoint = info.endpoint or path
+            if not os.path.isabs(endpoint):
+                kubelet._violation(f"plugin watcher: {info.name}'s endpoint {endpoint!r} is not an absolute path")
+            elif os.path.commonpath([endpoint, kubelet.directory]) == kubelet.directory:
+                kubelet._violation(
+                    f"plugin watcher: {info.name}'s endpoint {endpoint} is in the device-plugin directory, "
+                    "which a kubelet restart wipes"
+                )
+            invalid = kubelet._validate_plugin(info.name, endpoint, list(info.supported_versions))
+            if invalid is not None:
+                text = f"RegisterPlugin error -- plugin validation failed with err: {invalid}"
+                failed = self._notify(stub, path, False, text)
+                return self._record(
+                    path, info, failed or "RegisterPlugin error -- pluginHandler.ValidatePluginFunc failed"
+                )
+            # Recorded before the handler's RegisterPlugin: from here on, the reconciler does not
+            # try this socket again unless it is re-created.
+            with self._lock:
+                if self._stopped.is_set():
+                    return "the kubelet stopped"
+                self._actual[path] = (timestamp, info.name)
+            refused = kubelet._register_plugin(info.name, endpoint, self._life)
+            if refused is not None:
+                text = f"RegisterPlugin error -- plugin registration failed with err: {refused}"
+                return self._record(path, info, self._notify(stub, path, False, text) or text)
+            failed = self._notify(stub, path, True, "")
+            return self._record(
+                path,
+                info,
+                failed
+                and f"RegisterPlugin error -- failed to send registration status at socket {path}, err: {failed}",
+            )
+        finally:
+            channel.close()
+
+    def _notify(
+        self, stub: registration_pb2_grpc.RegistrationStub, path: str, registered: bool, error: str
+    ) -> str | None:
+        """notifyPlugin: None if the plugin was told, else why not."""
+        if self._stopped.is_set():
+            return "the kubelet stopped"
+        failed = None
+        try:
+            stub.NotifyRegistrationStatus(
+                registration_pb2.RegistrationStatus(plugin_registered=registered, error=error),
+                timeout=NOTIFY_TIMEOUT_S,
+            )
+        except grpc.RpcError as failure:
+            failed = f"{error}: {_go_error(failure)}" if error else _go_error(failure)
+        kubelet = self._kubelet
+        with kubelet._state:  # once the call is over: the plugin has had it, if it could
+            kubelet.notifications.append(Notification(path, registered, error))
+            kubelet._state.notify_all()
+        return failed
+
+    def _record(self, path: str, info: registration_pb2.PluginInfo | None, error: str | None) -> str | None:
+        kubelet = self._kubelet
+        with kubelet._state:
+            kubelet.watcher_attempts.append(WatcherAttempt(path, info, error, time.monotonic()))
+            kubelet._state.notify_all()
+        return error

@@ -3,6 +3,12 @@
     tools/bazel run //tests:fake_kubelet -- --dir=/tmp/dp
     tools/bazel run //token_resource -- --plugin_dir=/tmp/dp --count=3     # another terminal
 
+With the plugin watcher (a 1.20 kubelet that also watches a plugins_registry directory):
+
+    tools/bazel run //tests:fake_kubelet -- --dir=/tmp/dp --mode=watcher --registry_dir=/tmp/pr
+    tools/bazel run //token_resource -- --plugin_dir=/tmp/dp --registration=plugin_watcher \
+        --plugins_registry_dir=/tmp/pr --socket=token.sock
+
 Type `r` and Enter to restart the kubelet (it deletes the plugin's socket, as a real one
 does), `a` to admit a pod asking for one token, `q` to quit. Each state change is printed.
 """
@@ -22,8 +28,14 @@ flags.DEFINE_string("dir", "/tmp/token-resource-demo", "Device-plugin directory 
 flags.DEFINE_enum(
     "mode",
     "E2",
-    ["E1", "E2", "E3"],
-    "E1: kubelet 1.20-1.24 behaviour; E2: 1.25-1.36; E3: 1.37+ (per-socket instances).",
+    ["E1", "E2", "E3", "watcher"],
+    "E1: kubelet 1.20-1.24 behaviour; E2: 1.25-1.36; E3: 1.37+ (per-socket instances); "
+    "watcher: E1 plus the 1.20 plugin watcher on --registry_dir.",
+)
+flags.DEFINE_string(
+    "registry_dir",
+    "/tmp/token-resource-demo-registry",
+    "The plugin watcher's directory (plugins_registry), with --mode=watcher; never wiped at a restart.",
 )
 
 
@@ -49,9 +61,14 @@ def report_changes(kubelet: FakeKubelet, stop: threading.Event) -> None:
 
 
 def main(argv: list[str]) -> None:
-    kubelet = FakeKubelet(FLAGS.dir, Mode[FLAGS.mode])
+    if FLAGS.mode == "watcher":
+        kubelet = FakeKubelet(FLAGS.dir, Mode.E1, registry_dir=FLAGS.registry_dir)
+        where = f"{kubelet.socket_path}, watching {FLAGS.registry_dir}"
+    else:
+        kubelet = FakeKubelet(FLAGS.dir, Mode[FLAGS.mode])
+        where = kubelet.socket_path
     kubelet.start()
-    print(f"fake kubelet ({FLAGS.mode}) listening on {kubelet.socket_path}; r = restart, a = admit a pod, q = quit")
+    print(f"fake kubelet ({FLAGS.mode}) listening on {where}; r = restart, a = admit a pod, q = quit")
     stop = threading.Event()
     reporter = threading.Thread(target=report_changes, args=(kubelet, stop), daemon=True)
     reporter.start()
