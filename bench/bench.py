@@ -21,12 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypedDict
 
 # Keep gRPC's C-core INFO lines ("Got goaway ...") out of the tables; inherited by the daemons spawned.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
+from google.protobuf.message import Message
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import Daemon, binary_path, run_to_exit, short_tempdir
@@ -57,16 +59,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def summary(per_run: list[float]) -> dict:
+class Summary(TypedDict):
+    """A figure over several runs: their median and spread, and every run's value."""
+
+    median: float
+    min: float
+    max: float
+    runs: list[float]
+
+
+def summary(per_run: list[float]) -> Summary:
     """Median of per-run figures, and their spread."""
     return {"median": statistics.median(per_run), "min": min(per_run), "max": max(per_run), "runs": per_run}
 
 
-def ratio(plugin: dict, baseline: dict) -> float:
+def ratio(plugin: Summary, baseline: Summary) -> float:
     return plugin["median"] / baseline["median"] if baseline["median"] else float("nan")
 
 
-def fmt(s: dict, unit: str = "ms", scale: float = 1e3, digits: int = 3) -> str:
+def fmt(s: Summary, unit: str = "ms", scale: float = 1e3, digits: int = 3) -> str:
     return f"{s['median'] * scale:.{digits}f} {unit} [{s['min'] * scale:.{digits}f}..{s['max'] * scale:.{digits}f}]"
 
 
@@ -96,6 +107,7 @@ class NoopServer:
         if responses:
             args.append(f"--responses={responses}")
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.process.stdout is not None  # stdout=PIPE
         if self.process.stdout.readline().strip() != b"serving":
             raise RuntimeError("noop server did not start")
 
@@ -106,7 +118,8 @@ class NoopServer:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
-        self.process.stdout.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def connect(path: str) -> grpc.Channel:
@@ -136,8 +149,8 @@ def settle(pid: int, timeout: float = 5.0) -> None:
 class TimedKubelet(FakeKubelet):
     """The fake kubelet, noting when kubelet.sock is served (on the clock of register_times)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, directory: str, mode: Mode = Mode.E2) -> None:
+        super().__init__(directory, mode)
         self.started_at = 0.0
 
     def start(self) -> None:
@@ -148,7 +161,7 @@ class TimedKubelet(FakeKubelet):
 # Unary latency ------------------------------------------------------------------------------
 
 
-def _latencies(call, request, n: int) -> list[float]:
+def _latencies(call: Callable[..., object], request: Message, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -185,7 +198,7 @@ def bench_allocate(repeats: int) -> dict:
         plugin_ch = connect(os.path.join(directory, SOCKET))
         plugin = api_pb2_grpc.DevicePluginStub(plugin_ch)
         # The baseline returns the daemon's own answers, byte for byte, without computing them.
-        canned = {"Allocate": {}, "GetPreferredAllocation": {}}
+        canned: dict[str, dict[int, str]] = {"Allocate": {}, "GetPreferredAllocation": {}}
         for n in SIZES:
             canned["Allocate"][n] = plugin.Allocate(_allocate_request(n)).SerializeToString().hex()
             canned["GetPreferredAllocation"][n] = (
@@ -203,7 +216,10 @@ def bench_allocate(repeats: int) -> dict:
         for method, n in cases:
             request = _allocate_request(n) if method == "Allocate" else _preferred_request(n)
             calls = {1: 2000, 100: 1000, 1000: 300}[n]
-            runs = {"plugin": {"p50": [], "p99": []}, "baseline": {"p50": [], "p99": []}}
+            runs: dict[str, dict[str, list[float]]] = {
+                "plugin": {"p50": [], "p99": []},
+                "baseline": {"p50": [], "p99": []},
+            }
             for r in range(repeats):
                 order = [("plugin", plugin), ("baseline", base)]
                 for name, target in order if r % 2 == 0 else order[::-1]:
@@ -213,7 +229,7 @@ def bench_allocate(repeats: int) -> dict:
                     runs[name]["p50"].append(percentile(lat, 50))
                     runs[name]["p99"].append(percentile(lat, 99))
             key = f"{method}[{n}]"
-            entry = {
+            entry: dict[str, object] = {
                 "calls_per_run": calls,
                 "request_bytes": request.ByteSize(),
                 "response_bytes": len(bytes.fromhex(canned[method][n])),
@@ -268,7 +284,7 @@ def startup_to_snapshot(count: int) -> float:
 
 def bench_startup(repeats: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    runs = {"plugin": [], "import_grpc": [], "python": [], "version": []}
+    runs: dict[str, list[float]] = {"plugin": [], "import_grpc": [], "python": [], "version": []}
     for _ in range(repeats):
         runs["plugin"].append(startup_to_snapshot(1))
         runs["import_grpc"].append(_time_process([sys.executable, "-c", "import grpc"], env))
@@ -333,7 +349,7 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
         daemon.close()
         kubelet.stop()
 
-    def dist(values):
+    def dist(values: list[float]) -> dict[str, float]:
         return {
             "min": min(values),
             "median": statistics.median(values),
@@ -354,7 +370,7 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
 def bench_recovery(trials: int) -> dict:
     r = recovery_trials(trials)
 
-    def row(name, d, base=None):
+    def row(name: str, d: dict[str, float], base: dict[str, float] | None = None) -> list[str]:
         cells = [name] + [f"{d[k] * 1e3:.1f}" for k in ("min", "median", "p99", "max")]
         return [*cells, f"{d['median'] / base['median']:.1f}" if base else "1.0"]
 
@@ -392,7 +408,7 @@ def registered_daemon(count: int) -> Iterator[tuple[str, Daemon]]:
         kubelet.stop()
 
 
-def idle_footprint(count: int) -> dict:
+def idle_footprint(count: int) -> dict[str, int]:
     with registered_daemon(count) as (_, daemon):
         settle(daemon.pid)
         return {
@@ -403,14 +419,17 @@ def idle_footprint(count: int) -> dict:
 
 
 def bench_idle(repeats: int) -> dict:
-    runs = {"plugin": [], "baseline": []}
+    runs: dict[str, list[dict[str, int]]] = {"plugin": [], "baseline": []}
     for _ in range(repeats):
         runs["plugin"].append(idle_footprint(1))
         directory = short_tempdir("tr-bench-")
         noop = NoopServer(directory)
         try:
             ch = connect(noop.socket)
-            ch.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")(b"", timeout=10)
+            options: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(
+                "/v1beta1.DevicePlugin/GetDevicePluginOptions"
+            )
+            options(b"", timeout=10)
             settle(noop.pid)
             runs["baseline"].append(
                 {"rss": procfs.rss_bytes(noop.pid), "threads": procfs.threads(noop.pid), "fds": procfs.fds(noop.pid)}

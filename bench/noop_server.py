@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import threading
+from typing import Any
 
 import grpc
 from absl import app, flags
@@ -41,19 +42,21 @@ def main(argv: list[str]) -> None:
     allocate = canned.get("Allocate", {})
     preferred = canned.get("GetPreferredAllocation", {})
 
-    def allocate_handler(request, context):
+    def allocate_handler(request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> bytes:
         ids = sum(len(c.devices_ids) for c in request.container_requests)
         return allocate.get(ids, empty)
 
-    def preferred_handler(request, context):
+    def preferred_handler(request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext) -> bytes:
         ids = sum(len(c.available_deviceIDs) for c in request.container_requests)
         return preferred.get(ids, empty)
 
-    def options_handler(request, context):
+    def options_handler(request: api_pb2.Empty, context: grpc.ServicerContext) -> bytes:
         return b""
 
-    identity = lambda b: b  # noqa: E731  (responses are already serialized)
-    handlers = {
+    def identity(response: bytes) -> bytes:  # responses are already serialized
+        return response
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, bytes]] = {
         "Allocate": grpc.unary_unary_rpc_method_handler(
             allocate_handler, request_deserializer=api_pb2.AllocateRequest.FromString, response_serializer=identity
         ),

@@ -1,28 +1,52 @@
 """Shared fixtures: a short temp directory, a fake kubelet in it, and daemons to clean up."""
 
 import shutil
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import pytest
 
 from tests.daemon import Daemon, short_tempdir
-from tests.fake_kubelet import FakeKubelet, Mode
+from tests.fake_kubelet import STOP_GRACE_PERIOD_S, FakeKubelet, Mode
+
+
+class StartKubelet(Protocol):
+    """The kubelets fixture: starts a FakeKubelet in plugin_dir (FakeKubelet's other arguments)."""
+
+    def __call__(
+        self,
+        mode: Mode = Mode.E2,
+        *,
+        e1_dial: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        grace_period: float = STOP_GRACE_PERIOD_S,
+    ) -> FakeKubelet: ...
+
+
+class StartDaemon(Protocol):
+    """The daemons fixture: starts a Daemon (its arguments)."""
+
+    def __call__(
+        self, *args: str, log_dir: str | None = None, launcher: Sequence[str] = (), cwd: str | None = None
+    ) -> Daemon: ...
 
 
 @pytest.fixture
-def plugin_dir():
+def plugin_dir() -> Iterator[str]:
     directory = short_tempdir()
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
-def kubelets(plugin_dir):
+def kubelets(plugin_dir: str) -> Iterator[StartKubelet]:
     """start(mode, **options) runs a fake kubelet in plugin_dir; each is stopped after the
     test, which fails if the kubelet saw the plugin break a protocol rule."""
     started: list[FakeKubelet] = []
 
-    def start(mode: Mode = Mode.E2, **options) -> FakeKubelet:
+    def start(mode: Mode = Mode.E2, **options: Any) -> FakeKubelet:  # StartKubelet's keywords, checked there
         fake = FakeKubelet(plugin_dir, mode, **options)
         fake.start()
         started.append(fake)
@@ -38,18 +62,18 @@ def kubelets(plugin_dir):
 
 
 @pytest.fixture
-def kubelet(kubelets):
+def kubelet(kubelets: StartKubelet) -> FakeKubelet:
     return kubelets(Mode.E2)
 
 
 @pytest.fixture
-def daemons(request):
+def daemons(request: pytest.FixtureRequest) -> Iterator[StartDaemon]:
     """start(*flags, **options) runs a daemon (options as for Daemon); all are killed after
     the test, and their logs are printed if the test failed."""
     started: list[Daemon] = []
 
-    def start(*args: str, **options: Any) -> Daemon:
-        daemon = Daemon(*args, **options)
+    def start(*args: str, log_dir: str | None = None, launcher: Sequence[str] = (), cwd: str | None = None) -> Daemon:
+        daemon = Daemon(*args, log_dir=log_dir, launcher=launcher, cwd=cwd)
         started.append(daemon)
         return daemon
 

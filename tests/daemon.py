@@ -88,7 +88,8 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self.process.stdout.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self._log.close()
         shutil.rmtree(self._log_dir, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 Bazel file. Runs on the source tree itself (found through this file's runfiles link), so it
 sees files no target lists; tagged external so Bazel never serves it from the cache."""
 
+import fnmatch
 import glob
 import os
 import platform
@@ -25,7 +26,7 @@ def source_files(*patterns: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(WORKSPACE):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "bazel-")))
-        found += [os.path.join(root, f) for f in sorted(files) if any(glob.fnmatch.fnmatch(f, p) for p in patterns)]
+        found += [os.path.join(root, f) for f in sorted(files) if any(fnmatch.fnmatch(f, p) for p in patterns)]
     return found
 
 
@@ -35,11 +36,11 @@ def run(*command: str) -> None:
 
 
 @pytest.mark.parametrize("mode", [("check",), ("format", "--check", "--diff")])
-def test_python_is_ruff_clean(mode):
+def test_python_is_ruff_clean(mode: tuple[str, ...]) -> None:
     run(tool("pypi/ruff/site/ruff-*.data/scripts/ruff"), *mode, "--no-cache", "--config", "ruff.toml", ".")
 
 
-def test_bazel_files_are_buildifier_clean():
+def test_bazel_files_are_buildifier_clean() -> None:
     files = source_files("BUILD.bazel", "*.bzl", "WORKSPACE")
     # Bazel 4 predates rules_python and rules_shell: the native rules are the ones to use.
     run(

@@ -30,30 +30,30 @@ REJECTED = [
 
 
 @pytest.mark.parametrize("name", ACCEPTED)
-def test_accepts_names_the_kubelet_accepts(name):
+def test_accepts_names_the_kubelet_accepts(name: str) -> None:
     config.check_resource_name(name)
 
 
 @pytest.mark.parametrize("name", REJECTED)
-def test_rejects_names_the_kubelet_rejects(name):
+def test_rejects_names_the_kubelet_rejects(name: str) -> None:
     with pytest.raises(config.ConfigError, match="resource name"):
         config.check_resource_name(name)
 
 
 @pytest.mark.parametrize("socket", ["token-resource.sock", "token-resource", "a"])
-def test_accepts_bare_socket_names(socket):
+def test_accepts_bare_socket_names(socket: str) -> None:
     config.check_socket_name(socket)
 
 
 @pytest.mark.parametrize(
     "socket", ["", "/var/lib/kubelet/device-plugins/x.sock", "dir/x.sock", ".", "..", "kubelet.sock"]
 )
-def test_rejects_socket_names_that_are_not_bare_file_names(socket):
+def test_rejects_socket_names_that_are_not_bare_file_names(socket: str) -> None:
     with pytest.raises(config.ConfigError, match="socket"):
         config.check_socket_name(socket)
 
 
-def test_a_named_socket_is_used_as_it_is():
+def test_a_named_socket_is_used_as_it_is() -> None:
     plugin = config.PluginConfig(resource="example.com/token", count=2, socket="t.sock", plugin_dir="/d")
     endpoint = plugin.endpoint
     assert (endpoint.resource, endpoint.plugin_dir, endpoint.per_instance) == ("example.com/token", "/d", False)
@@ -61,13 +61,13 @@ def test_a_named_socket_is_used_as_it_is():
     assert endpoint.kubelet_socket_path == "/d/kubelet.sock"
 
 
-def test_a_per_instance_socket_carries_the_instance_number():
+def test_a_per_instance_socket_carries_the_instance_number() -> None:
     plugin = config.PluginConfig("example.com/token", 2, config.DEFAULT_SOCKET, "/d", per_instance=True)
     assert plugin.endpoint.socket_name(1796009551786717806) == "token-resource.1796009551786717806.sock"
 
 
 @pytest.mark.parametrize("per_instance", [False, True])
-def test_the_socket_path_limit_counts_the_staging_name_and_the_longest_instance(per_instance):
+def test_the_socket_path_limit_counts_the_staging_name_and_the_longest_instance(per_instance: bool) -> None:
     # The server binds .<socket>.new before renaming it into place; an instance has up to 19 digits.
     longest = "/.x.9999999999999999999.sock.new" if per_instance else "/.x.sock.new"
     fits = "/" + "d" * (config.MAX_SOCKET_PATH_BYTES - len(longest) - 1)
@@ -76,11 +76,11 @@ def test_the_socket_path_limit_counts_the_staging_name_and_the_longest_instance(
         config.check_plugin(config.PluginConfig("example.com/token", 1, "x.sock", fits + "d", per_instance))
 
 
-def parse(text: str, node: str | None = None):
+def parse(text: str, node: str | None = None) -> tuple[config.PluginConfig, ...]:
     return config.parse_config(text, config.Placement(plugin_dir="/d"), node)
 
 
-def test_a_config_file_declares_several_resources_with_per_node_counts():
+def test_a_config_file_declares_several_resources_with_per_node_counts() -> None:
     text = """
 resources:
   - name: example.com/token
@@ -100,7 +100,7 @@ resources:
     assert parse(text, None)[0].count == 2
 
 
-def test_json_is_accepted_too():
+def test_json_is_accepted_too() -> None:
     assert parse('{"resources": [{"name": "example.com/token", "count": 3}]}')[0].count == 3
 
 
@@ -142,7 +142,7 @@ def test_json_is_accepted_too():
         ),
     ],
 )
-def test_a_bad_config_file_is_refused_with_the_reason(text, message):
+def test_a_bad_config_file_is_refused_with_the_reason(text: str, message: str) -> None:
     with pytest.raises(config.ConfigError) as raised:
         parse(text)
     assert message in str(raised.value)

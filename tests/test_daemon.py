@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests.conftest import StartDaemon, StartKubelet
 from tests.daemon import Daemon, created_in, free_port, http_get, run_to_exit, wait_for_http
 from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode, advertising
 from token_resource.lifecycle import BACKOFF_CAP_S
@@ -29,7 +30,9 @@ def endpoint(kubelet: FakeKubelet) -> str:
 
 
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
-def test_registers_and_advertises_its_tokens(plugin_dir, kubelets, daemons, mode):
+def test_registers_and_advertises_its_tokens(
+    plugin_dir: str, kubelets: StartKubelet, daemons: StartDaemon, mode: Mode
+) -> None:
     kubelet = kubelets(mode)
     daemons(*plugin_args(plugin_dir, "--count=3"))
     kubelet.wait_until(advertising(RESOURCE, 3))
@@ -42,14 +45,14 @@ def test_registers_and_advertises_its_tokens(plugin_dir, kubelets, daemons, mode
     assert [(d.ID, d.health) for d in snapshot.devices] == [(f"item-{i}", "Healthy") for i in range(3)]
 
 
-def test_a_given_socket_name_is_used_as_it_is(kubelet, daemons):
+def test_a_given_socket_name_is_used_as_it_is(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemons(*plugin_args(kubelet.directory, f"--socket={SOCKET}"))
     kubelet.wait_until(advertising(RESOURCE, 1))
     assert kubelet.register_requests[0].endpoint == SOCKET
     assert sorted(os.listdir(kubelet.directory)) == ["kubelet.sock", SOCKET]
 
 
-def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
+def test_sends_one_snapshot_while_nothing_changes(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemon = daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
     kubelet.admit("pod-a", "c", RESOURCE, 1)  # traffic on the same connection
@@ -57,7 +60,7 @@ def test_sends_one_snapshot_while_nothing_changes(kubelet, daemons):
     assert daemon.process.poll() is None
 
 
-def test_allocate_preferred_and_prestart_answer(kubelet, daemons):
+def test_allocate_preferred_and_prestart_answer(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemons(*plugin_args(kubelet.directory, "--count=3"))
     kubelet.wait_until(advertising(RESOURCE, 3))
     first = kubelet.admit("pod-a", "app", RESOURCE, 2)
@@ -78,7 +81,7 @@ def test_allocate_preferred_and_prestart_answer(kubelet, daemons):
     assert options == kubelet.register_requests[0].options
 
 
-def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
+def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
     stub = api_pb2_grpc.DevicePluginStub(kubelet.resources[RESOURCE].channel)
@@ -87,7 +90,7 @@ def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
             api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-2"])])
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert 'unknown token ID "item-2"' in raised.value.details()
+    assert 'unknown token ID "item-2"' in str(raised.value.details())
     with pytest.raises(grpc.RpcError) as raised:
         stub.Allocate(api_pb2.AllocateRequest())
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -105,7 +108,7 @@ def test_allocate_refuses_unknown_ids_with_invalid_argument(kubelet, daemons):
     ]
 
 
-def test_reregisters_after_kubelet_restart(kubelet, daemons):
+def test_reregisters_after_kubelet_restart(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
     foreign = os.path.join(kubelet.directory, "kubelet_internal_checkpoint")
@@ -121,7 +124,9 @@ def test_reregisters_after_kubelet_restart(kubelet, daemons):
 
 
 @pytest.mark.parametrize("mode", [Mode.E1, Mode.E2])
-def test_reregisters_when_the_stream_is_cancelled(plugin_dir, kubelets, daemons, mode):
+def test_reregisters_when_the_stream_is_cancelled(
+    plugin_dir: str, kubelets: StartKubelet, daemons: StartDaemon, mode: Mode
+) -> None:
     kubelet = kubelets(mode)
     daemons(*plugin_args(plugin_dir, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
@@ -130,7 +135,7 @@ def test_reregisters_when_the_stream_is_cancelled(plugin_dir, kubelets, daemons,
     assert kubelet.resources[RESOURCE].streams_opened == 2
 
 
-def test_waits_for_an_absent_kubelet(plugin_dir, kubelets, daemons):
+def test_waits_for_an_absent_kubelet(plugin_dir: str, kubelets: StartKubelet, daemons: StartDaemon) -> None:
     with created_in(plugin_dir, SOCKET):  # serving, with no kubelet.sock anywhere
         daemon = daemons(*plugin_args(plugin_dir, "--count=2", f"--socket={SOCKET}"))
     kubelet = kubelets(Mode.E2)
@@ -138,7 +143,9 @@ def test_waits_for_an_absent_kubelet(plugin_dir, kubelets, daemons):
     assert daemon.process.poll() is None
 
 
-def test_reregisters_when_list_and_watch_never_comes(plugin_dir, kubelets, daemons):
+def test_reregisters_when_list_and_watch_never_comes(
+    plugin_dir: str, kubelets: StartKubelet, daemons: StartDaemon
+) -> None:
     dial = threading.Event()  # E1 kubelet that answers Register but never dials back
     kubelet = kubelets(Mode.E1, e1_dial=dial)
     daemon = daemons(*plugin_args(plugin_dir, "--count=2", "--list_and_watch_timeout=0.5"))
@@ -148,7 +155,7 @@ def test_reregisters_when_list_and_watch_never_comes(plugin_dir, kubelets, daemo
     kubelet.wait_until(advertising(RESOURCE, 2))
 
 
-def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet, daemons):
+def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     kubelet.supported_versions = ["v2"]  # a kubelet that does not speak v1beta1
     daemon = daemons(*plugin_args(kubelet.directory, "--count=1"))
     kubelet.wait_until(lambda k: len(k.register_errors) >= 4, timeout=15)
@@ -163,7 +170,7 @@ def test_retries_register_with_backoff_when_the_kubelet_refuses(kubelet, daemons
     kubelet.wait_until(advertising(RESOURCE, 1), timeout=15)
 
 
-def test_sigterm_removes_only_its_own_socket_and_exits_0(kubelet, daemons):
+def test_sigterm_removes_only_its_own_socket_and_exits_0(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemon = daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
     foreign = os.path.join(kubelet.directory, "other-plugin.sock")
@@ -182,14 +189,14 @@ def make_stale_socket(path: str) -> None:
         crashed.bind(path)  # bound but not listening: what a killed process leaves
 
 
-def test_a_stale_socket_does_not_block_start(kubelet, daemons):
+def test_a_stale_socket_does_not_block_start(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     make_stale_socket(os.path.join(kubelet.directory, SOCKET))
     daemons(*plugin_args(kubelet.directory, "--count=2", f"--socket={SOCKET}"))
     kubelet.wait_until(advertising(RESOURCE, 2))
     assert endpoint(kubelet) == SOCKET
 
 
-def test_a_dead_older_instances_socket_is_removed_at_start(kubelet, daemons):
+def test_a_dead_older_instances_socket_is_removed_at_start(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     dead = os.path.join(kubelet.directory, "token-resource.1.sock")  # instance 1: long before this one
     make_stale_socket(dead)
     daemons(*plugin_args(kubelet.directory, "--count=2"))
@@ -198,7 +205,9 @@ def test_a_dead_older_instances_socket_is_removed_at_start(kubelet, daemons):
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
-def test_a_second_instance_on_a_fixed_socket_waits_and_takes_over(kubelet, daemons, stop):
+def test_a_second_instance_on_a_fixed_socket_waits_and_takes_over(
+    kubelet: FakeKubelet, daemons: StartDaemon, stop: str
+) -> None:
     fixed = ("--count=2", f"--socket={SOCKET}")
     first = daemons(*plugin_args(kubelet.directory, *fixed))
     kubelet.wait_until(advertising(RESOURCE, 2))
@@ -230,7 +239,7 @@ def test_a_second_instance_on_a_fixed_socket_waits_and_takes_over(kubelet, daemo
     assert second.log().count("cannot serve") == 1  # said once, however many retries
 
 
-def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
+def test_the_go_plugins_command_line_starts_it(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemon = daemons(
         "-loglevel",
         "0",
@@ -270,20 +279,20 @@ def test_the_go_plugins_command_line_starts_it(kubelet, daemons):
         (["extra-argument"], "unexpected arguments"),
     ],
 )
-def test_bad_input_fails_with_one_clear_line(flags, message):
+def test_bad_input_fails_with_one_clear_line(flags: list[str], message: str) -> None:
     result = run_to_exit(*flags)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_version_prints_and_exits():
+def test_version_prints_and_exits() -> None:
     result = run_to_exit("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("token-resource ")
 
 
-def test_a_relative_plugin_dir_works(kubelet, daemons):
+def test_a_relative_plugin_dir_works(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     parent, name = os.path.split(kubelet.directory)
     daemon = Daemon("--plugin_dir=" + name, "--count=2", cwd=parent)
     try:
@@ -293,7 +302,7 @@ def test_a_relative_plugin_dir_works(kubelet, daemons):
         daemon.close()
 
 
-def test_only_the_kubelets_stream_ending_means_registering_again(kubelet, daemons):
+def test_only_the_kubelets_stream_ending_means_registering_again(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemons(*plugin_args(kubelet.directory, "--count=2"))
     kubelet.wait_until(advertising(RESOURCE, 2))
     with grpc.insecure_channel(f"unix://{kubelet.directory}/{endpoint(kubelet)}") as tool:

@@ -3,9 +3,11 @@
 import concurrent.futures
 import queue
 import shutil
+from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import short_tempdir
@@ -15,7 +17,7 @@ from token_resource.device_plugin import MAX_STREAMS, DevicePluginServicer
 
 class Listener:
     def __init__(self) -> None:
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.Queue[tuple[str, int]] = queue.Queue()
 
     def stream_opened(self, servicer: DevicePluginServicer, stream: int) -> None:
         self.events.put(("opened", stream))
@@ -24,15 +26,19 @@ class Listener:
         self.events.put(("closed", stream))
 
 
+# The servicer under test, a client of its socket, and the listener of its streams.
+Served = tuple[DevicePluginServicer, api_pb2_grpc.DevicePluginStub, "Listener"]
+
+
 @pytest.fixture
-def socket_path():
+def socket_path() -> Iterator[str]:
     directory = short_tempdir()
     yield f"{directory}/p.sock"
     shutil.rmtree(directory)
 
 
 @pytest.fixture
-def served(socket_path):
+def served(socket_path: str) -> Iterator[Served]:
     """(servicer, stub, listener) for a servicer with 3 tokens on a unix socket."""
     listener = Listener()
     servicer = DevicePluginServicer(tokens.TokenPolicy("example.com/token", 3), listener)
@@ -50,7 +56,7 @@ def ids(snapshot: api_pb2.ListAndWatchResponse) -> list[str]:
     return [d.ID for d in snapshot.devices]
 
 
-def test_list_and_watch_sends_the_snapshot_then_only_changes(served):
+def test_list_and_watch_sends_the_snapshot_then_only_changes(served: Served) -> None:
     servicer, stub, listener = served
     stream = stub.ListAndWatch(api_pb2.Empty())
     assert ids(next(stream)) == ["item-0", "item-1", "item-2"]
@@ -61,7 +67,7 @@ def test_list_and_watch_sends_the_snapshot_then_only_changes(served):
     stream.cancel()
 
 
-def test_every_open_stream_gets_each_change(served):
+def test_every_open_stream_gets_each_change(served: Served) -> None:
     servicer, stub, _ = served
     streams = [stub.ListAndWatch(api_pb2.Empty()) for _ in range(3)]
     for stream in streams:
@@ -90,7 +96,7 @@ def preferred(stub: api_pb2_grpc.DevicePluginStub, available: list[str], size: i
     return list(response.container_responses[0].deviceIDs)
 
 
-def test_a_new_policy_answers_every_call_from_then_on(served):
+def test_a_new_policy_answers_every_call_from_then_on(served: Served) -> None:
     servicer, stub, _ = served
     stream = stub.ListAndWatch(api_pb2.Empty())
     next(stream)
@@ -109,7 +115,7 @@ def test_a_new_policy_answers_every_call_from_then_on(served):
     stream.cancel()
 
 
-def test_each_stream_end_is_reported_as_that_stream(served):
+def test_each_stream_end_is_reported_as_that_stream(served: Served) -> None:
     servicer, stub, listener = served
     first = stub.ListAndWatch(api_pb2.Empty())
     next(first)
@@ -124,7 +130,7 @@ def test_each_stream_end_is_reported_as_that_stream(served):
     assert servicer.open_streams == 0
 
 
-def test_all_five_methods_answer(served):
+def test_all_five_methods_answer(served: Served) -> None:
     _, stub, _ = served
     options = stub.GetDevicePluginOptions(api_pb2.Empty())
     assert options.get_preferred_allocation_available and not options.pre_start_required
@@ -161,15 +167,17 @@ def test_all_five_methods_answer(served):
         ),
     ],
 )
-def test_refusals_are_invalid_argument_with_the_reason(served, call, request_message, message):
+def test_refusals_are_invalid_argument_with_the_reason(
+    served: Served, call: str, request_message: Message, message: str
+) -> None:
     _, stub, _ = served
     with pytest.raises(grpc.RpcError) as raised:
         getattr(stub, call)(request_message)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in raised.value.details()
+    assert message in str(raised.value.details())
 
 
-def test_beyond_the_stream_limit_the_oldest_stream_ends(served):
+def test_beyond_the_stream_limit_the_oldest_stream_ends(served: Served) -> None:
     _, stub, _ = served
     streams = []
     for _ in range(MAX_STREAMS + 1):  # one at a time, so the server sees them in this order
@@ -178,7 +186,7 @@ def test_beyond_the_stream_limit_the_oldest_stream_ends(served):
     with pytest.raises(grpc.RpcError) as raised:
         next(streams[0])
     assert raised.value.code() == grpc.StatusCode.ABORTED
-    assert "superseded by a newer ListAndWatch stream" in raised.value.details()
+    assert "superseded by a newer ListAndWatch stream" in str(raised.value.details())
     allocated = stub.Allocate(
         api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["item-0"])]),
         timeout=5,
@@ -191,10 +199,12 @@ def test_beyond_the_stream_limit_the_oldest_stream_ends(served):
 @pytest.mark.parametrize(
     "method", ["Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions"]
 )
-def test_a_malformed_request_is_invalid_argument(served, socket_path, method):
+def test_a_malformed_request_is_invalid_argument(served: Served, socket_path: str, method: str) -> None:
     with grpc.insecure_channel(f"unix://{socket_path}") as channel:
-        call = channel.unary_unary(f"/v1beta1.DevicePlugin/{method}")  # raw bytes, no serializer
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            f"/v1beta1.DevicePlugin/{method}"
+        )  # raw bytes, no serializer
         with pytest.raises(grpc.RpcError) as raised:
             call(b"\xff\xff\xff", timeout=5)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a valid message" in raised.value.details()
+    assert "not a valid message" in str(raised.value.details())

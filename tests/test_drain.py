@@ -6,23 +6,34 @@ import contextlib
 import http.server
 import json
 import os
+import pathlib
 import queue
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 
 from token_resource import drain, kubeapi
 from token_resource.drain import NodeDrain
-from token_resource.kubeapi import KubeAPI, KubeAPIError
+from token_resource.kubeapi import JSON, KubeAPI, KubeAPIError
 
 NODE = "node-1"
 TOKEN = "example.com/token"
+# A request the fake server saw: method, path, query, headers, body.
+Request = tuple[str, str, dict[str, str], dict[str, str], bytes]
 SELECTOR = f"spec.nodeName={NODE},status.phase!=Succeeded,status.phase!=Failed"
 
 
-def pod(name, resources=None, status=None, node=NODE, deleting=False):
+def pod(
+    name: str,
+    resources: dict[str, str] | None = None,
+    status: JSON | None = None,
+    node: str = NODE,
+    deleting: bool = False,
+) -> JSON:
     metadata = {"namespace": "default", "name": name}
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
@@ -34,7 +45,7 @@ def pod(name, resources=None, status=None, node=NODE, deleting=False):
     }
 
 
-ADMITTED = {
+ADMITTED: JSON = {
     "phase": "Pending",
     "startTime": "2026-01-01T00:00:00Z",
     "conditions": [{"type": "Initialized", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
@@ -44,28 +55,28 @@ ADMITTED = {
 class FakeAPIServer:
     """Serves one node and its pods the way kube-apiserver does for the calls NodeDrain makes."""
 
-    def __init__(self, token="secret"):
+    def __init__(self, token: str = "secret") -> None:
         self.token = token
         self.lock = threading.Lock()
         self.version = 1
         self.allocatable = {TOKEN: "2", "cpu": "2"}
-        self.pods = []
-        self.requests = []  # (method, path, query, headers, body)
-        self.forbidden = set()  # (method, path) pairs answered 403
-        self.watchers = []
+        self.pods: list[JSON] = []
+        self.requests: list[Request] = []
+        self.forbidden: set[tuple[str, str]] = set()  # (method, path) pairs answered 403
+        self.watchers: list[queue.Queue[JSON | None]] = []
         self.expire_next_watch = False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self):
+            def do_GET(self) -> None:
                 server.handle(self)
 
-            def do_PATCH(self):
+            def do_PATCH(self) -> None:
                 server.handle(self)
 
-            def log_message(self, *args):
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -73,20 +84,20 @@ class FakeAPIServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def close(self):
+    def close(self) -> None:
         with self.lock:
             for watcher in self.watchers:
                 watcher.put(None)
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def node(self):
+    def node(self) -> JSON:
         return {
             "metadata": {"name": NODE, "resourceVersion": str(self.version)},
             "status": {"capacity": dict(self.allocatable), "allocatable": dict(self.allocatable)},
         }
 
-    def write_allocatable(self, values):
+    def write_allocatable(self, values: Mapping[str, str]) -> None:
         """A status update, as the kubelet's tryUpdateNodeStatus makes it."""
         with self.lock:
             self.allocatable.update(values)
@@ -95,10 +106,10 @@ class FakeAPIServer:
             for watcher in self.watchers:
                 watcher.put({"type": "MODIFIED", "object": node})
 
-    def calls(self, method, path):
+    def calls(self, method: str, path: str) -> list[Request]:
         return [r for r in self.requests if r[0] == method and r[1] == path]
 
-    def handle(self, h):
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         url = urllib.parse.urlsplit(h.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
@@ -123,8 +134,8 @@ class FakeAPIServer:
             return self.stream(h, query)
         return self.status(h, 404, "NotFound", "the server could not find the requested resource")
 
-    def stream(self, h, query):
-        events = queue.Queue()
+    def stream(self, h: http.server.BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        events: queue.Queue[JSON | None] = queue.Queue()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Transfer-Encoding", "chunked")
@@ -157,7 +168,7 @@ class FakeAPIServer:
             with self.lock:
                 self.watchers.remove(events)
 
-    def send(self, h, code, obj):
+    def send(self, h: http.server.BaseHTTPRequestHandler, code: int, obj: JSON) -> None:
         data = json.dumps(obj).encode()
         h.send_response(code)
         h.send_header("Content-Type", "application/json")
@@ -165,32 +176,32 @@ class FakeAPIServer:
         h.end_headers()
         h.wfile.write(data)
 
-    def status(self, h, code, reason, message):
+    def status(self, h: http.server.BaseHTTPRequestHandler, code: int, reason: str, message: str) -> None:
         self.send(h, code, {"kind": "Status", "status": "Failure", "reason": reason, "message": message, "code": code})
 
 
 @pytest.fixture
-def server():
+def server() -> Iterator[FakeAPIServer]:
     fake = FakeAPIServer()
     yield fake
     fake.close()
 
 
 @pytest.fixture
-def api(server, tmp_path):
+def api(server: FakeAPIServer, tmp_path: pathlib.Path) -> KubeAPI:
     token = tmp_path / "token"
     token.write_text(server.token + "\n")
     return KubeAPI(server.url, str(token))
 
 
-def later(seconds, action):
+def later(seconds: float, action: Callable[[], object]) -> threading.Timer:
     timer = threading.Timer(seconds, action)
     timer.daemon = True
     timer.start()
     return timer
 
 
-def test_patches_allocatable_to_zero_and_returns_when_no_pod_waits(server, api):
+def test_patches_allocatable_to_zero_and_returns_when_no_pod_waits(server: FakeAPIServer, api: KubeAPI) -> None:
     server.pods = [pod("admitted", status=ADMITTED), pod("no-token", resources={"cpu": "1"})]
     result = NodeDrain(api, NODE, settle_s=0.2).withhold([TOKEN], timeout_s=5)
     assert result.patched and result.skipped is None
@@ -204,14 +215,14 @@ def test_patches_allocatable_to_zero_and_returns_when_no_pod_waits(server, api):
     assert server.calls("GET", "/api/v1/pods")  # with the field selector the server asserts
 
 
-def test_waits_until_bound_pods_are_admitted(server, api):
+def test_waits_until_bound_pods_are_admitted(server: FakeAPIServer, api: KubeAPI) -> None:
     server.pods = [
         pod("waiting"),
         pod("deleted-before-admission", deleting=True),
         pod("other-resource", resources={"example.com/other": "1"}),
     ]
 
-    def admit():
+    def admit() -> None:
         server.pods = [pod("waiting", status=ADMITTED)]
 
     later(0.6, admit)
@@ -220,7 +231,7 @@ def test_waits_until_bound_pods_are_admitted(server, api):
     assert 0.6 <= result.seconds < 2
 
 
-def test_returns_at_the_timeout_with_the_pods_still_waiting(server, api):
+def test_returns_at_the_timeout_with_the_pods_still_waiting(server: FakeAPIServer, api: KubeAPI) -> None:
     server.pods = [pod("never-admitted")]
     start = time.monotonic()
     result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=1.0)
@@ -229,11 +240,13 @@ def test_returns_at_the_timeout_with_the_pods_still_waiting(server, api):
     assert result.patched and result.unadmitted == ("default/never-admitted",)
 
 
-def test_withholds_again_when_the_kubelet_writes_the_count_back_and_stops_after(server, api):
+def test_withholds_again_when_the_kubelet_writes_the_count_back_and_stops_after(
+    server: FakeAPIServer, api: KubeAPI
+) -> None:
     server.pods = [pod("waiting")]
     later(0.4, lambda: server.write_allocatable({TOKEN: "2"}))
 
-    def admit():
+    def admit() -> None:
         server.pods = [pod("waiting", status=ADMITTED)]
 
     later(1.2, admit)
@@ -250,7 +263,7 @@ def test_withholds_again_when_the_kubelet_writes_the_count_back_and_stops_after(
     assert server.allocatable[TOKEN] == "2"
 
 
-def test_seal_patches_once_more_and_never_raises(server, api, tmp_path):
+def test_seal_patches_once_more_and_never_raises(server: FakeAPIServer, api: KubeAPI, tmp_path: pathlib.Path) -> None:
     nodes = NodeDrain(api, NODE, settle_s=0.1)
     nodes.withhold([TOKEN], timeout_s=1)
     server.write_allocatable({TOKEN: "2"})  # just before the stream ended
@@ -263,7 +276,7 @@ def test_seal_patches_once_more_and_never_raises(server, api, tmp_path):
     assert not nodes.seal([TOKEN])
 
 
-def test_watches_again_from_the_current_state_when_the_version_expired(server, api):
+def test_watches_again_from_the_current_state_when_the_version_expired(server: FakeAPIServer, api: KubeAPI) -> None:
     server.expire_next_watch = True
     server.pods = [pod("waiting")]
     later(0.5, lambda: server.write_allocatable({TOKEN: "2"}))
@@ -274,49 +287,53 @@ def test_watches_again_from_the_current_state_when_the_version_expired(server, a
     assert result.repatches == 1 and server.allocatable[TOKEN] == "0"
 
 
-def test_forbidden_patch_is_skipped_with_the_missing_permission(server, api):
+def test_forbidden_patch_is_skipped_with_the_missing_permission(server: FakeAPIServer, api: KubeAPI) -> None:
     server.forbidden.add(("PATCH", f"/api/v1/nodes/{NODE}/status"))
     result = NodeDrain(api, NODE).withhold([TOKEN], timeout_s=5)
-    assert not result.patched
+    assert not result.patched and result.skipped is not None
     assert "403 Forbidden" in result.skipped and "RBAC patch on nodes/status" in result.skipped
     assert "\n" not in result.skipped
     assert server.allocatable[TOKEN] == "2"
     assert not server.calls("GET", "/api/v1/pods")
 
 
-def test_forbidden_pod_list_waits_the_settle_time_only(server, api):
+def test_forbidden_pod_list_waits_the_settle_time_only(server: FakeAPIServer, api: KubeAPI) -> None:
     server.forbidden.add(("GET", "/api/v1/pods"))
     result = NodeDrain(api, NODE, settle_s=0.5).withhold([TOKEN], timeout_s=5)
+    assert result.skipped is not None
     assert result.patched and "RBAC list on pods" in result.skipped
     assert 0.5 <= result.seconds < 1.5
 
 
-def test_forbidden_watch_falls_back_to_patching_every_second(server, api):
+def test_forbidden_watch_falls_back_to_patching_every_second(server: FakeAPIServer, api: KubeAPI) -> None:
     server.forbidden.add(("GET", "/api/v1/nodes"))
     server.pods = [pod("waiting")]
     later(0.3, lambda: server.write_allocatable({TOKEN: "2"}))
     later(1.5, lambda: setattr(server, "pods", []))
     result = NodeDrain(api, NODE, settle_s=0.1).withhold([TOKEN], timeout_s=5)
+    assert result.skipped is not None
     assert result.patched and "RBAC watch on nodes" in result.skipped
     assert len(server.calls("PATCH", f"/api/v1/nodes/{NODE}/status")) >= 2
     assert server.allocatable[TOKEN] == "0"
 
 
-def test_unreachable_api_server_is_skipped(tmp_path):
+def test_unreachable_api_server_is_skipped(tmp_path: pathlib.Path) -> None:
     token = tmp_path / "token"
     token.write_text("t")
     with contextlib.closing(FakeAPIServer()) as gone:
         url = gone.url
     result = NodeDrain(KubeAPI(url, str(token)), NODE).withhold([TOKEN], timeout_s=2)
+    assert result.skipped is not None
     assert not result.patched and "API server unreachable" in result.skipped
 
 
-def test_unknown_node_is_skipped(server, api):
+def test_unknown_node_is_skipped(server: FakeAPIServer, api: KubeAPI) -> None:
     result = NodeDrain(api, "no-such-node").withhold([TOKEN], timeout_s=2)
+    assert result.skipped is not None
     assert not result.patched and result.skipped.startswith("PATCH /api/v1/nodes/no-such-node/status: 404 NotFound")
 
 
-def test_the_token_is_read_again_for_each_request(server, api, tmp_path):
+def test_the_token_is_read_again_for_each_request(server: FakeAPIServer, api: KubeAPI, tmp_path: pathlib.Path) -> None:
     api.get("/api/v1/pods", {"fieldSelector": SELECTOR, "resourceVersion": "0"})
     (tmp_path / "token").write_text("rotated")
     with pytest.raises(KubeAPIError) as error:
@@ -326,15 +343,15 @@ def test_the_token_is_read_again_for_each_request(server, api, tmp_path):
     assert api.list("/api/v1/pods", SELECTOR, resource_version="0") == []
 
 
-def test_a_bad_ca_file_is_an_error_of_the_request(tmp_path):
+def test_a_bad_ca_file_is_an_error_of_the_request(tmp_path: pathlib.Path) -> None:
     api = KubeAPI("https://127.0.0.1:1", None, str(tmp_path / "ca.crt"))  # builds without reading it
     with pytest.raises(KubeAPIError, match=r"^GET https://127.0.0.1:1/api: CA file .*ca.crt: No such file"):
         api.get("/api")
 
 
-def test_a_watch_can_be_closed_from_another_thread(server, api):
+def test_a_watch_can_be_closed_from_another_thread(server: FakeAPIServer, api: KubeAPI) -> None:
     watch = api.watch("/api/v1/nodes", f"metadata.name={NODE}", timeout_s=30)
-    events = []
+    events: list[kubeapi.WatchEvent] = []
     reader = threading.Thread(target=lambda: events.extend(watch))
     reader.start()
     time.sleep(0.3)
@@ -345,7 +362,7 @@ def test_a_watch_can_be_closed_from_another_thread(server, api):
     assert [e.type for e in events] == ["ADDED"]
 
 
-def test_in_cluster(monkeypatch, tmp_path):
+def test_in_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setattr(kubeapi, "SERVICE_ACCOUNT_DIR", str(tmp_path))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
@@ -369,11 +386,11 @@ def test_in_cluster(monkeypatch, tmp_path):
         ({"phase": "Failed", "reason": "UnexpectedAdmissionError"}, True),
     ],
 )
-def test_admitted(status, expected):
+def test_admitted(status: JSON, expected: bool) -> None:
     assert drain.admitted({"status": status}) is expected
 
 
-def test_requests_any():
+def test_requests_any() -> None:
     assert drain.requests_any(pod("a"), {TOKEN})
     assert not drain.requests_any(pod("a", resources={TOKEN: "0"}), {TOKEN})
     init = {"spec": {"containers": [{}], "initContainers": [{"resources": {"requests": {TOKEN: "1"}}}]}}
@@ -389,12 +406,12 @@ REAL = {name: os.environ.get(f"TR_KUBE_{name}") for name in ("API", "TOKEN_FILE"
 @pytest.mark.skipif(
     not all(REAL.values()), reason="set TR_KUBE_API, TR_KUBE_TOKEN_FILE, TR_KUBE_NODE, TR_KUBE_RESOURCE"
 )
-def test_real_api_server():
-    api = KubeAPI(REAL["API"], REAL["TOKEN_FILE"], insecure=True)
-    node, resource = REAL["NODE"], REAL["RESOURCE"]
+def test_real_api_server() -> None:
+    url, token_file, node, resource = (REAL[name] or "" for name in ("API", "TOKEN_FILE", "NODE", "RESOURCE"))
+    api = KubeAPI(url, token_file, insecure=True)
     path = f"/api/v1/nodes/{node}"
 
-    def allocatable():
+    def allocatable() -> str | None:
         return api.get(path)["status"]["allocatable"].get(resource)
 
     count = allocatable()

@@ -21,7 +21,7 @@ flags = watch.flags
 INSTANCE = 1796009551786717806
 
 
-def test_a_fixed_socket_is_used_as_it_is_and_has_no_siblings():
+def test_a_fixed_socket_is_used_as_it_is_and_has_no_siblings() -> None:
     endpoint = Endpoint("example.com/token", "token-resource.sock", "/d")
     assert endpoint.socket_name(INSTANCE) == "token-resource.sock"
     assert endpoint.instance_of(f"token-resource.{INSTANCE}.sock") is None
@@ -29,7 +29,7 @@ def test_a_fixed_socket_is_used_as_it_is_and_has_no_siblings():
     assert endpoint.longest_socket_path == "/d/.token-resource.sock.new"
 
 
-def test_a_per_instance_socket_names_the_instance():
+def test_a_per_instance_socket_names_the_instance() -> None:
     endpoint = Endpoint("example.com/token", "token-resource.sock", "/d", per_instance=True)
     assert endpoint.socket_name(INSTANCE) == f"token-resource.{INSTANCE}.sock"
     assert endpoint.instance_of(f"token-resource.{INSTANCE}.sock") == INSTANCE
@@ -48,11 +48,11 @@ def test_a_per_instance_socket_names_the_instance():
         "token-resource.5.sock.old",
     ],
 )
-def test_other_names_are_not_siblings(name):
+def test_other_names_are_not_siblings(name: str) -> None:
     assert Endpoint("example.com/token", "token-resource.sock", "/d", per_instance=True).instance_of(name) is None
 
 
-def test_a_socket_is_bound_under_a_staging_name_first():
+def test_a_socket_is_bound_under_a_staging_name_first() -> None:
     assert kubelet.staging_name("token-resource.sock") == ".token-resource.sock.new"
 
 
@@ -71,16 +71,20 @@ def test_a_socket_is_bound_under_a_staging_name_first():
         ("config.yaml", flags.CLOSE_WRITE, None),
     ],
 )
-def test_classify(name, mask, event):
+def test_classify(name: str, mask: int, event: DirectoryEvent | None) -> None:
     assert kubelet.classify(name, mask) is event
 
 
+# A watched directory and the (name, classification) of each event in it.
+Classified = tuple[str, queue.Queue[tuple[str, DirectoryEvent | None]]]
+
+
 @pytest.fixture
-def classified() -> Iterator[tuple[str, queue.Queue]]:
+def classified() -> Iterator[Classified]:
     """A directory watched as the daemon watches the device-plugin directory; the queue gets
     each event's (name, classification)."""
     directory = short_tempdir()
-    events: queue.Queue = queue.Queue()
+    events: queue.Queue[tuple[str, DirectoryEvent | None]] = queue.Queue()
     watcher = watch.Watcher()
     watcher.subscribe(
         directory, kubelet.DIRECTORY_MASK, lambda name, mask: events.put((name, kubelet.classify(name, mask)))
@@ -95,7 +99,9 @@ def make_socket(path: str) -> None:
         s.bind(path)
 
 
-def test_a_kubelet_restart_as_the_directory_shows_it(classified):
+def test_a_kubelet_restart_as_the_directory_shows_it(
+    classified: Classified,
+) -> None:
     directory, events = classified
     make_socket(os.path.join(directory, "mine.sock"))
     with open(os.path.join(directory, "kubelet_internal_checkpoint"), "w") as f:
@@ -114,13 +120,13 @@ def test_a_kubelet_restart_as_the_directory_shows_it(classified):
     ]
 
 
-def test_the_directory_going_away(classified):
+def test_the_directory_going_away(classified: Classified) -> None:
     directory, events = classified
     shutil.rmtree(directory)
     assert events.get(timeout=5) == ("", DirectoryEvent.DIRECTORY_REMOVED)
 
 
-def test_register_reaches_the_kubelet():
+def test_register_reaches_the_kubelet() -> None:
     directory = short_tempdir()
     fake = FakeKubelet(directory, Mode.E1)
     fake.start()
@@ -138,7 +144,7 @@ def test_register_reaches_the_kubelet():
         shutil.rmtree(directory)
 
 
-def test_register_fails_fast_without_a_kubelet():
+def test_register_fails_fast_without_a_kubelet() -> None:
     directory = short_tempdir()
     try:
         future = kubelet.register(os.path.join(directory, "kubelet.sock"), "mine.sock", "example.com/token", OPTIONS)

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests.conftest import StartDaemon
 from tests.daemon import Daemon, free_port, http_get, removed_from, run_to_exit, wait_for_http
 from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode, advertising
 from token_resource.lifecycle import BACKOFF_CAP_S
@@ -35,7 +36,7 @@ def write(path: str, text: str) -> None:
         f.write(text)
 
 
-def ids(kubelet, resource: str) -> list[str]:
+def ids(kubelet: FakeKubelet, resource: str) -> list[str]:
     return [d.ID for d in kubelet.resources[resource].snapshots[-1].devices]
 
 
@@ -50,17 +51,19 @@ def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
 
 
 @pytest.fixture
-def config_path(plugin_dir):
+def config_path(plugin_dir: str) -> str:
     directory = os.path.join(plugin_dir, "config")
     os.mkdir(directory)
     return os.path.join(directory, "config.yaml")
 
 
-def start(daemons, kubelet, config_path, *extra):
+def start(daemons: StartDaemon, kubelet: FakeKubelet, config_path: str, *extra: str) -> Daemon:
     return daemons(f"--plugin_dir={kubelet.directory}", f"--config={config_path}", *extra)
 
 
-def test_two_resources_from_one_config_each_with_its_own_socket(kubelet, daemons, config_path):
+def test_two_resources_from_one_config_each_with_its_own_socket(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str
+) -> None:
     write(config_path, config_text((TOKEN, 2), (LICENSE, 3)))
     start(daemons, kubelet, config_path)
     kubelet.wait_until(lambda k: advertising(TOKEN, 2)(k) and advertising(LICENSE, 3)(k))
@@ -75,13 +78,15 @@ def test_two_resources_from_one_config_each_with_its_own_socket(kubelet, daemons
 
 
 @pytest.mark.parametrize("node,count", [("worker-1", 5), ("worker-2", 2)])
-def test_per_node_count_applies_to_the_named_node_only(kubelet, daemons, config_path, node, count):
+def test_per_node_count_applies_to_the_named_node_only(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str, node: str, count: int
+) -> None:
     write(config_path, config_text((TOKEN, 2)) + "    nodes: {worker-1: 5}\n")
     start(daemons, kubelet, config_path, f"--node_name={node}")
     kubelet.wait_until(advertising(TOKEN, count))
 
 
-def test_node_name_comes_from_the_environment(kubelet, config_path, plugin_dir):
+def test_node_name_comes_from_the_environment(kubelet: FakeKubelet, config_path: str, plugin_dir: str) -> None:
     write(config_path, config_text((TOKEN, 2)) + "    nodes: {worker-1: 4}\n")
     os.environ["NODE_NAME"] = "worker-1"
     try:
@@ -95,7 +100,9 @@ def test_node_name_comes_from_the_environment(kubelet, config_path, plugin_dir):
         daemon.close()
 
 
-def test_an_edited_file_sends_a_new_snapshot_keeping_ids(kubelet, daemons, config_path):
+def test_an_edited_file_sends_a_new_snapshot_keeping_ids(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str
+) -> None:
     write(config_path, config_text((TOKEN, 2)))
     start(daemons, kubelet, config_path)
     kubelet.wait_until(advertising(TOKEN, 2))
@@ -105,7 +112,9 @@ def test_an_edited_file_sends_a_new_snapshot_keeping_ids(kubelet, daemons, confi
     assert len(kubelet.register_requests) == 1  # same stream, no re-registration
 
 
-def test_a_configmap_style_symlink_swap_is_picked_up(kubelet, daemons, plugin_dir):
+def test_a_configmap_style_symlink_swap_is_picked_up(
+    kubelet: FakeKubelet, daemons: StartDaemon, plugin_dir: str
+) -> None:
     # The layout the kubelet gives a mounted ConfigMap: config.yaml -> ..data/config.yaml,
     # ..data -> ..<timestamp>; an update writes a new timestamp dir and renames ..data over.
     mount = os.path.join(plugin_dir, "cm")
@@ -122,7 +131,7 @@ def test_a_configmap_style_symlink_swap_is_picked_up(kubelet, daemons, plugin_di
     kubelet.wait_until(advertising(TOKEN, 3), timeout=2)
 
 
-def test_resources_added_and_removed_at_run_time(kubelet, daemons, config_path):
+def test_resources_added_and_removed_at_run_time(kubelet: FakeKubelet, daemons: StartDaemon, config_path: str) -> None:
     write(config_path, config_text((TOKEN, 2)))
     start(daemons, kubelet, config_path)
     kubelet.wait_until(advertising(TOKEN, 2))
@@ -136,7 +145,9 @@ def test_resources_added_and_removed_at_run_time(kubelet, daemons, config_path):
     assert kubelet.allocatable(TOKEN) == 0 and advertising(LICENSE, 1)(kubelet)
 
 
-def test_a_decreased_count_drops_the_highest_ids_and_running_pods_keep_theirs(kubelet, daemons, config_path):
+def test_a_decreased_count_drops_the_highest_ids_and_running_pods_keep_theirs(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str
+) -> None:
     write(config_path, config_text((TOKEN, 3)))
     start(daemons, kubelet, config_path)
     kubelet.wait_until(advertising(TOKEN, 3))
@@ -166,7 +177,9 @@ def test_a_decreased_count_drops_the_highest_ids_and_running_pods_keep_theirs(ku
     assert len(kubelet.register_requests) == 1  # one new snapshot on the same stream
 
 
-def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(kubelet, daemons, config_path):
+def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str
+) -> None:
     port = free_port()
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
@@ -191,7 +204,7 @@ def test_a_bad_config_is_rejected_whole_and_reported_until_fixed(kubelet, daemon
     assert metric_samples(port)[("token_resource_config_generation", ())] == 2
 
 
-def test_sighup_rereads_the_file(kubelet, daemons, config_path, plugin_dir):
+def test_sighup_rereads_the_file(kubelet: FakeKubelet, daemons: StartDaemon, config_path: str, plugin_dir: str) -> None:
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path)
     kubelet.wait_until(advertising(TOKEN, 2))
@@ -205,20 +218,20 @@ def test_sighup_rereads_the_file(kubelet, daemons, config_path, plugin_dir):
     kubelet.wait_until(advertising(TOKEN, 3))
 
 
-def test_config_and_resource_flags_are_exclusive(config_path):
+def test_config_and_resource_flags_are_exclusive(config_path: str) -> None:
     write(config_path, config_text((TOKEN, 2)))
     result = run_to_exit(f"--config={config_path}", "--count=3")
     assert result.returncode == 1 and "--config declares the resources; drop --count" in result.stderr
 
 
-def test_a_bad_config_at_start_fails_with_one_line(config_path):
+def test_a_bad_config_at_start_fails_with_one_line(config_path: str) -> None:
     write(config_path, "resources: [{name: gpu}]")
     result = run_to_exit(f"--config={config_path}")
     assert result.returncode == 1
     assert f"{config_path}: resources[0] (gpu): resource name" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons):
+def test_http_endpoints_follow_registration_and_count_calls(plugin_dir: str, daemons: StartDaemon) -> None:
     port = free_port()
     daemon = daemons(f"--plugin_dir={plugin_dir}", "--count=3", f"--http_port={port}", "--http_address=127.0.0.1")
     wait_for_http(port, "/healthz", 200)
@@ -258,7 +271,9 @@ def test_http_endpoints_follow_registration_and_count_calls(plugin_dir, daemons)
     assert daemon.terminate() == 0
 
 
-def test_a_file_that_is_not_text_is_rejected_and_the_daemon_goes_on(kubelet, daemons, config_path):
+def test_a_file_that_is_not_text_is_rejected_and_the_daemon_goes_on(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str
+) -> None:
     port = free_port()
     write(config_path, config_text((TOKEN, 2)))
     daemon = start(daemons, kubelet, config_path, f"--http_port={port}", "--http_address=127.0.0.1")
@@ -298,7 +313,9 @@ def serve_license_on_a_held_socket(
     return daemon, port, other
 
 
-def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, daemons, config_path):
+def test_a_resource_that_cannot_serve_does_not_take_the_others_down(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str
+) -> None:
     daemon, port, other = serve_license_on_a_held_socket(kubelet, daemons, config_path)
     with other:
         write(config_path, config_text((TOKEN, 2)))  # withdrawn: ready again
@@ -307,7 +324,9 @@ def test_a_resource_that_cannot_serve_does_not_take_the_others_down(kubelet, dae
 
 
 @pytest.mark.parametrize("let_go", ["removed", "closed"])
-def test_a_resource_whose_socket_was_held_serves_once_it_is_let_go(kubelet, daemons, config_path, let_go):
+def test_a_resource_whose_socket_was_held_serves_once_it_is_let_go(
+    kubelet: FakeKubelet, daemons: StartDaemon, config_path: str, let_go: str
+) -> None:
     daemon, port, other = serve_license_on_a_held_socket(kubelet, daemons, config_path)
     with other:
         if let_go == "removed":  # as a gRPC server stops: the daemon sees the file go, retries at once
@@ -321,7 +340,7 @@ def test_a_resource_whose_socket_was_held_serves_once_it_is_let_go(kubelet, daem
     assert daemon.log().count("cannot serve") == 1  # said once, however many retries
 
 
-def test_http_on_an_ipv6_address(kubelet, daemons):
+def test_http_on_an_ipv6_address(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     port = free_port()
     daemons(f"--plugin_dir={kubelet.directory}", f"--http_port={port}", "--http_address=::1")
     kubelet.wait_until(advertising(TOKEN, 1))

@@ -5,29 +5,29 @@ from token_resource.policy import AllocationError
 
 
 @pytest.mark.parametrize("count", [0, 1, 9, 10, 11, 99, 100, 101, 1000, 12345])
-def test_snapshot_size_formula_matches_the_encoded_message(count):
+def test_snapshot_size_formula_matches_the_encoded_message(count: int) -> None:
     assert tokens.snapshot_bytes(count) == tokens.snapshot(count).ByteSize()
 
 
-def test_max_count_is_the_largest_snapshot_under_4_mib():
+def test_max_count_is_the_largest_snapshot_under_4_mib() -> None:
     limit = tokens.max_count()
     assert tokens.snapshot(limit).ByteSize() <= 4 * 1024 * 1024
     assert tokens.snapshot(limit + 1).ByteSize() > 4 * 1024 * 1024
 
 
-def test_snapshot_lists_stable_healthy_ids():
+def test_snapshot_lists_stable_healthy_ids() -> None:
     devices = tokens.snapshot(3).devices
     assert [(d.ID, d.health) for d in devices] == [("item-0", "Healthy"), ("item-1", "Healthy"), ("item-2", "Healthy")]
     assert tokens.snapshot(3) == tokens.snapshot(3)
 
 
 @pytest.mark.parametrize("token,index", [("item-0", 0), ("item-7", 7), ("item-10", 10)])
-def test_token_index_parses_well_formed_ids(token, index):
+def test_token_index_parses_well_formed_ids(token: str, index: int) -> None:
     assert tokens.token_index(token) == index
 
 
 @pytest.mark.parametrize("token", ["item-", "item-01", "item--1", "item-+1", "token-1", "item-1 ", "", "item-٣"])
-def test_token_index_rejects_malformed_ids(token):
+def test_token_index_rejects_malformed_ids(token: str) -> None:
     assert tokens.token_index(token) is None
 
 
@@ -35,11 +35,11 @@ def test_token_index_rejects_malformed_ids(token):
     "resource,name",
     [("example.com/token", "EXAMPLE_COM_TOKEN"), ("k8s.io/GPU_mem.v2", "K8S_IO_GPU_MEM_V2"), ("1x.io/y", "_1X_IO_Y")],
 )
-def test_env_name_derives_from_the_resource_name(resource, name):
+def test_env_name_derives_from_the_resource_name(resource: str, name: str) -> None:
     assert tokens.env_name(resource) == name
 
 
-def test_allocate_tells_the_container_its_tokens():
+def test_allocate_tells_the_container_its_tokens() -> None:
     policy = tokens.TokenPolicy("example.com/token", 4)
     response = policy.allocate(["item-3", "item-1"])
     assert dict(response.envs) == {"EXAMPLE_COM_TOKEN": "item-1,item-3"}
@@ -56,23 +56,23 @@ def test_allocate_tells_the_container_its_tokens():
         (["item-1", "item-1"], 'duplicate token IDs "item-1"'),
     ],
 )
-def test_allocate_refuses_bad_ids_with_a_clear_message(ids, message):
+def test_allocate_refuses_bad_ids_with_a_clear_message(ids: list[str], message: str) -> None:
     with pytest.raises(AllocationError, match=message):
         tokens.TokenPolicy("example.com/token", 4).allocate(ids)
 
 
-def test_preferred_packs_lowest_ids_after_must_include():
+def test_preferred_packs_lowest_ids_after_must_include() -> None:
     policy = tokens.TokenPolicy("example.com/token", 12)
     assert policy.preferred(["item-10", "item-2", "item-11", "item-9"], [], 2) == ["item-2", "item-9"]
     assert policy.preferred(["item-10", "item-2", "item-11"], ["item-11"], 2) == ["item-11", "item-2"]
 
 
-def test_preferred_returns_everything_when_all_are_needed():
+def test_preferred_returns_everything_when_all_are_needed() -> None:
     policy = tokens.TokenPolicy("example.com/token", 3)
     assert sorted(policy.preferred(["item-2", "item-0", "item-1"], [], 3)) == ["item-0", "item-1", "item-2"]
 
 
-def test_preferred_reserves_nothing():
+def test_preferred_reserves_nothing() -> None:
     policy = tokens.TokenPolicy("example.com/token", 3)
     first = policy.preferred(["item-0", "item-1", "item-2"], [], 1)
     assert policy.preferred(["item-0", "item-1", "item-2"], [], 1) == first
@@ -88,11 +88,13 @@ def test_preferred_reserves_nothing():
         (["item-0"], [], -1, []),
     ],
 )
-def test_preferred_never_refuses_it_advises(available, must, size, answer):
+def test_preferred_never_refuses_it_advises(
+    available: list[str], must: list[str], size: int, answer: list[str]
+) -> None:
     assert tokens.TokenPolicy("example.com/token", 3).preferred(available, must, size) == answer
 
 
-def test_a_lowered_count_still_accepts_the_dropped_ids_but_never_suggests_them():
+def test_a_lowered_count_still_accepts_the_dropped_ids_but_never_suggests_them() -> None:
     # The kubelet may pick a dropped ID until it has read the new snapshot; refusing it would
     # fail that pod's admission.
     before = tokens.TokenPolicy("example.com/token", 3)
@@ -110,14 +112,14 @@ def test_a_lowered_count_still_accepts_the_dropped_ids_but_never_suggests_them()
     assert before.count == 3 and before.allocate(["item-2"])  # the policy in force is never changed
 
 
-def test_only_the_count_just_replaced_stays_accepted():
+def test_only_the_count_just_replaced_stays_accepted() -> None:
     policy = tokens.TokenPolicy("example.com/token", 3).reconfigured(1).reconfigured(2)
     assert policy.allocate(["item-1"])
     with pytest.raises(AllocationError, match='unknown token ID "item-2"'):
         policy.allocate(["item-2"])
 
 
-def test_a_raised_count_accepts_and_suggests_the_new_ids():
+def test_a_raised_count_accepts_and_suggests_the_new_ids() -> None:
     policy = tokens.TokenPolicy("example.com/token", 1).reconfigured(3)
     assert policy.allocate(["item-2"])
     assert policy.preferred(["item-2", "item-1"], [], 2) == ["item-1", "item-2"]

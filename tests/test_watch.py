@@ -68,7 +68,7 @@ def kernel_watches(fd: str) -> int:
         return sum(line.startswith("inotify wd:") for line in f)
 
 
-def test_one_inotify_instance_serves_every_subscription(directories):
+def test_one_inotify_instance_serves_every_subscription(directories: Callable[[], str]) -> None:
     before = inotify_fds()
     watcher = watch.Watcher()
     try:
@@ -83,7 +83,7 @@ def test_one_inotify_instance_serves_every_subscription(directories):
     assert inotify_fds() == before
 
 
-def test_each_subscriber_gets_the_events_it_asked_for(watcher, directories):
+def test_each_subscriber_gets_the_events_it_asked_for(watcher: watch.Watcher, directories: Callable[[], str]) -> None:
     directory = directories()
     _, creates = subscribe(watcher, directory, flags.CREATE)
     _, deletes = subscribe(watcher, directory, flags.DELETE)
@@ -97,7 +97,9 @@ def test_each_subscriber_gets_the_events_it_asked_for(watcher, directories):
     assert next_name(deletes) == "b"  # no CREATE in between
 
 
-def test_events_go_to_the_subscribers_of_their_directory(watcher, directories):
+def test_events_go_to_the_subscribers_of_their_directory(
+    watcher: watch.Watcher, directories: Callable[[], str]
+) -> None:
     first, second = directories(), directories()
     _, in_first = subscribe(watcher, first, flags.CREATE)
     _, in_second = subscribe(watcher, second, flags.CREATE)
@@ -109,7 +111,7 @@ def test_events_go_to_the_subscribers_of_their_directory(watcher, directories):
     assert in_first.empty()  # "z" was delivered after "y": this subscriber had its chance
 
 
-def test_an_unsubscribed_callback_hears_nothing_more(watcher, directories):
+def test_an_unsubscribed_callback_hears_nothing_more(watcher: watch.Watcher, directories: Callable[[], str]) -> None:
     directory = directories()
     gone, gone_events = subscribe(watcher, directory, flags.CREATE)
     _, staying = subscribe(watcher, directory, flags.CREATE)
@@ -120,7 +122,7 @@ def test_an_unsubscribed_callback_hears_nothing_more(watcher, directories):
     assert gone_events.empty()  # callbacks run in order on one thread: "a" is long delivered
 
 
-def test_the_last_unsubscribe_removes_the_kernel_watch(directories):
+def test_the_last_unsubscribe_removes_the_kernel_watch(directories: Callable[[], str]) -> None:
     before = set(inotify_fds())
     watcher = watch.Watcher()
     try:
@@ -140,7 +142,9 @@ def test_the_last_unsubscribe_removes_the_kernel_watch(directories):
 
 
 @pytest.mark.parametrize("how", ["removed", "renamed"])
-def test_a_directory_going_away_is_told_to_all_its_subscribers(watcher, directories, how):
+def test_a_directory_going_away_is_told_to_all_its_subscribers(
+    watcher: watch.Watcher, directories: Callable[[], str], how: str
+) -> None:
     directory, other = directories(), directories()
     _, creates = subscribe(watcher, directory, flags.CREATE)
     _, deletes = subscribe(watcher, directory, flags.DELETE)
@@ -156,7 +160,9 @@ def test_a_directory_going_away_is_told_to_all_its_subscribers(watcher, director
     assert next_name(elsewhere) == "a"  # the other directory's watch goes on
 
 
-def test_a_directory_recreated_at_the_same_path_can_be_watched_again(watcher, directories):
+def test_a_directory_recreated_at_the_same_path_can_be_watched_again(
+    watcher: watch.Watcher, directories: Callable[[], str]
+) -> None:
     directory = directories()
     _, old = subscribe(watcher, directory, flags.CREATE)
     os.rmdir(directory)
@@ -169,12 +175,12 @@ def test_a_directory_recreated_at_the_same_path_can_be_watched_again(watcher, di
     assert old.empty()  # the old subscription belonged to the removed directory
 
 
-def test_subscribing_to_a_missing_directory_raises(watcher, directories):
+def test_subscribing_to_a_missing_directory_raises(watcher: watch.Watcher, directories: Callable[[], str]) -> None:
     with pytest.raises(FileNotFoundError):
         watcher.subscribe(os.path.join(directories(), "missing"), flags.CREATE, lambda name, m: None)
 
 
-def test_close_ends_the_thread():
+def test_close_ends_the_thread() -> None:
     before = threading.active_count()
     watcher = watch.Watcher()
     assert threading.active_count() == before + 1

@@ -99,7 +99,7 @@ def platform_matches(have: Platform, want: Platform) -> bool:
 class Layout:
     """An OCI image layout directory."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str) -> None:
         self.root = root
 
     @classmethod

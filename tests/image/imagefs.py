@@ -7,6 +7,7 @@ import os
 import posixpath
 import struct
 import tarfile
+from typing import Any
 
 from bazel.oci import layout as oci
 
@@ -27,7 +28,9 @@ def index_layout() -> oci.Layout:
 class ImageFS:
     """The merged file system of one image: path (no leading /) -> (TarInfo, bytes, layer number)."""
 
-    def __init__(self, image: oci.Layout, descriptor: dict):
+    arch: str  # set by the test that picked the image, for its messages
+
+    def __init__(self, image: oci.Layout, descriptor: dict) -> None:
         self.manifest = image.read_json(descriptor["digest"])
         self.config = image.read_json(self.manifest["config"]["digest"])
         self.entries: dict[str, tuple[tarfile.TarInfo, bytes, int]] = {}
@@ -36,7 +39,8 @@ class ImageFS:
                 data = f.read()
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 for info in tar:
-                    content = tar.extractfile(info).read() if info.isfile() else b""
+                    member = tar.extractfile(info) if info.isfile() else None
+                    content = member.read() if member is not None else b""
                     self.entries[posixpath.normpath(info.name)] = (info, content, number)
 
     def resolve(self, path: str, depth: int = 0) -> str | None:
@@ -68,6 +72,12 @@ class ImageFS:
             return None
         info, data, _ = self.entries[resolved]
         return (info, data) if info.isfile() else None
+
+    def regular(self, path: str) -> tuple[tarfile.TarInfo, bytes]:
+        """file(path), which the caller expects to be there."""
+        found = self.file(path)
+        assert found is not None, f"/{path}: no such regular file"
+        return found
 
     def exists(self, path: str) -> bool:
         return self.resolve(path) is not None
@@ -113,6 +123,6 @@ def elf_info(data: bytes) -> dict:
     return {"machine": machine, "interp": interp, "needed": needed}
 
 
-def json_blob(image: oci.Layout, digest: str):
+def json_blob(image: oci.Layout, digest: str) -> dict[str, Any]:
     with open(image.blob_path(digest), "rb") as f:
         return json.load(f)

@@ -8,6 +8,7 @@ a container's mount namespace). .ci/run enables it, and fails if this test skipp
 
 import os
 import platform
+from collections.abc import Iterator
 
 import pytest
 
@@ -43,7 +44,7 @@ def emulation_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def arm64_image():
+def arm64_image() -> Iterator[str]:
     reason = emulation_missing()
     if reason:
         pytest.skip(reason)
@@ -55,13 +56,13 @@ def arm64_image():
     PODMAN("rmi", "--force", tag, check=False)
 
 
-def test_image_is_arm64(arm64_image):
+def test_image_is_arm64(arm64_image: str) -> None:
     assert PODMAN("image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", arm64_image).stdout.split() == [
         "linux/arm64"
     ]
 
 
-def test_registers_allocates_and_stops_cleanly(arm64_image):
+def test_registers_allocates_and_stops_cleanly(arm64_image: str) -> None:
     registers_allocates_and_stops(
         PODMAN,
         arm64_image,
@@ -71,7 +72,7 @@ def test_registers_allocates_and_stops_cleanly(arm64_image):
     )
 
 
-def test_interpreter_is_aarch64(arm64_image):
+def test_interpreter_is_aarch64(arm64_image: str) -> None:
     result = PODMAN(
         "run",
         "--rm",

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import inotify_simple
 import pytest
@@ -54,7 +55,7 @@ def leftover_mounts(root: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dockerd():
+def dockerd() -> Iterator[Engine]:
     binary = shutil.which("dockerd", path=SYSTEM_PATH)
     if binary is None:
         pytest.skip("no dockerd: Debian's docker.io is not installed (tools/bazel installs it)")
@@ -118,7 +119,7 @@ def dockerd():
 
 
 @pytest.fixture(scope="module")
-def docker_image(dockerd):
+def docker_image(dockerd: Engine) -> Iterator[str]:
     tag = f"localhost/token-resource:docker-test-{os.getpid()}"
     saved = {name: os.environ.get(name) for name in dockerd.env_overrides}
     os.environ.update(dockerd.env_overrides)  # load.main runs `docker load` with this environment
@@ -134,5 +135,5 @@ def docker_image(dockerd):
     dockerd("rmi", "--force", tag, check=False)
 
 
-def test_registers_allocates_and_stops_cleanly(dockerd, docker_image):
+def test_registers_allocates_and_stops_cleanly(dockerd: Engine, docker_image: str) -> None:
     registers_allocates_and_stops(dockerd, docker_image, HARDENED, start_timeout=60, stop_timeout=20)

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,7 +25,7 @@ def read_text(path: str) -> str:
 
 
 @pytest.fixture
-def registry():
+def registry() -> Iterator[str]:
     root = tempfile.mkdtemp(prefix="tr-registry-")
     port = free_port()
     config = os.path.join(root, "config.yml")
@@ -70,7 +71,7 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def test_push_then_pull_gives_the_same_digests(registry):
+def test_push_then_pull_gives_the_same_digests(registry: str) -> None:
     with open(imagefs.runfile("image_index.digest")) as f:
         index_digest = f.read().strip()
     repository = f"{registry}/example/token-resource"

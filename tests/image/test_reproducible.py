@@ -36,7 +36,7 @@ def tool(name: str, *args: str, cwd: str) -> None:
     subprocess.run([sys.executable, imagefs.runfile(f"bazel/oci/{name}.py"), *args], check=True, cwd=cwd, env=env)
 
 
-def test_independent_rebuild_has_the_same_digests():
+def test_independent_rebuild_has_the_same_digests() -> None:
     out = os.path.join(os.environ["TEST_TMPDIR"], "rebuild")
     os.makedirs(out)
     for layer in LAYERS:

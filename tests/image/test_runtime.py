@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -29,12 +30,12 @@ PODMAN = ["podman", "--runtime", "runc"]
 RUN_FLAGS = ["--ulimit", "nofile=1024:20000", "--ulimit", "nproc=4096:4096", "--network", "none"]
 
 
-def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PODMAN, *args], check=check, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def image_tag():
+def image_tag() -> Iterator[str]:
     tag = f"localhost/token-resource:runtime-test-{os.getpid()}"
     load.main(["--image", imagefs.runfile("image_index"), "--tag", tag, "--engine", "podman"])
     yield tag
@@ -42,7 +43,7 @@ def image_tag():
 
 
 @pytest.fixture
-def container_name():
+def container_name() -> Iterator[str]:
     name = f"token-resource-test-{os.getpid()}-{time.monotonic_ns()}"
     yield name
     logs = podman("logs", name, check=False)
@@ -50,7 +51,7 @@ def container_name():
     podman("rm", "--force", name, check=False)
 
 
-def test_registers_allocates_and_stops_cleanly(image_tag, container_name):
+def test_registers_allocates_and_stops_cleanly(image_tag: str, container_name: str) -> None:
     plugin_dir = short_tempdir("tr-img-")
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()
@@ -100,6 +101,6 @@ def test_registers_allocates_and_stops_cleanly(image_tag, container_name):
         shutil.rmtree(plugin_dir, ignore_errors=True)
 
 
-def test_version_flag(image_tag):
+def test_version_flag(image_tag: str) -> None:
     result = podman("run", "--rm", *RUN_FLAGS, "--read-only", "--cap-drop=ALL", image_tag, "--version")
     assert result.stdout.startswith("token-resource ")

@@ -30,17 +30,19 @@ UNSATISFIED_OK = {
 
 def version() -> str:
     with open(imagefs.runfile("token_resource/main.py")) as f:
-        return re.search(r'^VERSION = "(.*)"$', f.read(), re.M).group(1)
+        found = re.search(r'^VERSION = "(.*)"$', f.read(), re.M)
+    assert found, "no VERSION in main.py"
+    return found.group(1)
 
 
 @pytest.fixture(scope="module", params=ARCHES)
-def image(request):
+def image(request: pytest.FixtureRequest) -> imagefs.ImageFS:
     fs = imagefs.image_for(request.param)
     fs.arch = request.param
     return fs
 
 
-def test_index_has_both_platforms():
+def test_index_has_both_platforms() -> None:
     layout = imagefs.index_layout()
     top = layout.top()
     assert top["mediaType"] == "application/vnd.oci.image.index.v1+json"
@@ -60,7 +62,7 @@ def test_index_has_both_platforms():
         assert f.read().strip() == top["digest"]
 
 
-def test_config(image):
+def test_config(image: imagefs.ImageFS) -> None:
     config = image.config["config"]
     assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "token_resource.main"]
     assert "Cmd" not in config
@@ -79,7 +81,7 @@ def test_config(image):
     )
 
 
-def test_expected_files(image):
+def test_expected_files(image: imagefs.ImageFS) -> None:
     triplet = imagefs.TRIPLETS[image.arch]
     for path in [
         "usr/bin/python3.11",
@@ -99,12 +101,12 @@ def test_expected_files(image):
         "etc/passwd",
     ]:
         assert image.file(path) is not None, path
-    assert image.file("etc/passwd")[1].startswith(b"root:x:0:0:")
-    info, _ = image.file("usr/bin/python3.11")
+    assert image.regular("etc/passwd")[1].startswith(b"root:x:0:0:")
+    info, _ = image.regular("usr/bin/python3.11")
     assert info.mode & stat.S_IXUSR
 
 
-def test_layers_least_changed_first(image):
+def test_layers_least_changed_first(image: imagefs.ImageFS) -> None:
     layer_of = lambda path: image.entries[path][2]  # noqa: E731
     assert layer_of("usr/bin/python3.11") == 0
     assert (
@@ -115,15 +117,15 @@ def test_layers_least_changed_first(image):
     assert layer_of("app/token_resource/main.py") == len(image.manifest["layers"]) - 1
 
 
-def test_dpkg_status_lists_exactly_the_locked_packages(image):
+def test_dpkg_status_lists_exactly_the_locked_packages(image: imagefs.ImageFS) -> None:
     names = {p.rsplit("/", 1)[1] for p in image.entries if p.startswith("var/lib/dpkg/status.d/")}
     assert names == {p["name"] for p in LOCK["packages"][image.arch]}
     for package in LOCK["packages"][image.arch]:
-        control = image.file("var/lib/dpkg/status.d/" + package["name"])[1].decode()
+        control = image.regular("var/lib/dpkg/status.d/" + package["name"])[1].decode()
         assert f"Version: {package['version']}\n" in control
 
 
-def test_no_shell_no_package_managers(image):
+def test_no_shell_no_package_managers(image: imagefs.ImageFS) -> None:
     for path in [
         "bin/sh",
         "usr/bin/sh",
@@ -145,7 +147,7 @@ def test_no_shell_no_package_managers(image):
     assert binaries == ["python3.11"]
 
 
-def test_ownership_modes_and_times(image):
+def test_ownership_modes_and_times(image: imagefs.ImageFS) -> None:
     for path, (info, _, _) in image.entries.items():
         assert (info.uid, info.gid, info.mtime) == (0, 0, 0), path
         if not info.issym():
@@ -153,7 +155,7 @@ def test_ownership_modes_and_times(image):
         assert not info.mode & (stat.S_ISUID | stat.S_ISGID), f"/{path} is setuid/setgid"
 
 
-def test_bytecode_is_hash_based_and_current(image):
+def test_bytecode_is_hash_based_and_current(image: imagefs.ImageFS) -> None:
     """Every module under /app has an unchecked hash-based .pyc for this Python (PEP 552)."""
     sources = [p for p in image.entries if p.startswith("app/") and p.endswith(".py")]
     assert len(sources) > 100
@@ -164,10 +166,10 @@ def test_bytecode_is_hash_based_and_current(image):
         header = pyc[1][:16]
         assert header[:4] == importlib.util.MAGIC_NUMBER
         assert int.from_bytes(header[4:8], "little") == 0b01  # hash-based, unchecked
-        assert header[8:16] == importlib.util.source_hash(image.file(path)[1])
+        assert header[8:16] == importlib.util.source_hash(image.regular(path)[1])
 
 
-def test_elf_files_match_arch_and_their_libraries_are_present(image):
+def test_elf_files_match_arch_and_their_libraries_are_present(image: imagefs.ImageFS) -> None:
     triplet = imagefs.TRIPLETS[image.arch]
     search = [f"usr/lib/{triplet}", f"lib/{triplet}", "usr/lib", "lib"]
     seen = 0
@@ -184,5 +186,5 @@ def test_elf_files_match_arch_and_their_libraries_are_present(image):
         if missing:
             assert module in UNSATISFIED_OK and "lib-dynload" in path, f"/{path} needs {missing}, not in the image"
     assert seen > 30
-    python = imagefs.elf_info(image.file("usr/bin/python3.11")[1])
+    python = imagefs.elf_info(image.regular("usr/bin/python3.11")[1])
     assert python["interp"] in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1")

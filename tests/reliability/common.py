@@ -28,7 +28,7 @@ def plugin_args(plugin_dir: str, *extra: str) -> list[str]:
     return [f"--plugin_dir={plugin_dir}", f"--socket={SOCKET}", *extra]
 
 
-def channel(plugin_dir: str, **options) -> grpc.Channel:
+def channel(plugin_dir: str, **options: int | str) -> grpc.Channel:
     """A client channel to the daemon's socket, as the kubelet dials it."""
     opts = [("grpc.default_authority", "localhost"), *options.items()]
     return grpc.insecure_channel(f"unix://{os.path.join(plugin_dir, SOCKET)}", options=opts)

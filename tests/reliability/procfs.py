@@ -8,6 +8,9 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def status(pid: int) -> dict[str, str]:
@@ -41,7 +44,7 @@ def fd_targets(pid: int) -> list[str]:
     return sorted(targets)
 
 
-def wait_for(probe: Callable[[], object], accept: Callable[[object], bool], timeout: float) -> object:
+def wait_for(probe: Callable[[], T], accept: Callable[[T], bool], timeout: float) -> T:
     """Re-reads `probe()` until `accept(value)` holds or `timeout` seconds pass; returns the
     last value either way, so the caller's assertion shows what was seen.
 

@@ -16,6 +16,7 @@ import enum
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -62,7 +63,7 @@ class RogueKubelet(api_pb2_grpc.RegistrationServicer):
         for ch in channels:
             ch.close()
 
-    def wait_until(self, predicate, timeout: float = 15.0) -> None:
+    def wait_until(self, predicate: Callable[["RogueKubelet"], bool], timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         with self._state:
             while not predicate(self):
@@ -74,7 +75,7 @@ class RogueKubelet(api_pb2_grpc.RegistrationServicer):
                     )
                 self._state.wait(remaining)
 
-    def Register(self, request, context):
+    def Register(self, request: api_pb2.RegisterRequest, context: grpc.ServicerContext) -> api_pb2.Empty:
         with self._state:
             index = len(self.register_times)
             self.register_times.append(time.monotonic())

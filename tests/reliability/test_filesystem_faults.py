@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.conftest import StartDaemon
 from tests.daemon import Daemon, free_port, http_get, short_tempdir, wait_for_http
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability.common import RESOURCE, SOCKET, plugin_args
@@ -31,7 +32,7 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "-
 
 
 @pytest.fixture
-def unprivileged(daemons: Callable[..., Daemon]) -> Callable[..., Daemon]:
+def unprivileged(daemons: StartDaemon) -> Callable[..., Daemon]:
     """Starts the daemon through setpriv (util-linux), so directory permissions apply even
     to root."""
     return functools.partial(daemons, launcher=NO_DAC if os.geteuid() == 0 else ())
@@ -54,7 +55,7 @@ def registered_again(registrations: int) -> Callable[[FakeKubelet], bool]:
     return lambda k: len(k.register_requests) == registrations and advertising(RESOURCE, 2)(k)
 
 
-def test_missing_at_start_exits_1_with_a_clear_message(plugin_dir, daemons):
+def test_missing_at_start_exits_1_with_a_clear_message(plugin_dir: str, daemons: StartDaemon) -> None:
     missing = os.path.join(plugin_dir, "device-plugins")
     daemon = daemons(*plugin_args(missing))
     assert daemon.wait(15) == 1
@@ -62,7 +63,9 @@ def test_missing_at_start_exits_1_with_a_clear_message(plugin_dir, daemons):
     assert "Traceback" not in daemon.log()
 
 
-def test_not_writable_at_start_exits_1_with_a_clear_message(plugin_dir, unprivileged):
+def test_not_writable_at_start_exits_1_with_a_clear_message(
+    plugin_dir: str, unprivileged: Callable[..., Daemon]
+) -> None:
     os.chmod(plugin_dir, 0o555)
     daemon = unprivileged(*plugin_args(plugin_dir))
     assert daemon.wait(15) == 1
@@ -70,7 +73,9 @@ def test_not_writable_at_start_exits_1_with_a_clear_message(plugin_dir, unprivil
     assert "Traceback" not in daemon.log()
 
 
-def test_made_read_only_while_running_it_retries_and_recovers_without_a_restart(plugin_dir, unprivileged):
+def test_made_read_only_while_running_it_retries_and_recovers_without_a_restart(
+    plugin_dir: str, unprivileged: Callable[..., Daemon]
+) -> None:
     os.chmod(plugin_dir, 0o777)
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()
@@ -100,7 +105,9 @@ def test_made_read_only_while_running_it_retries_and_recovers_without_a_restart(
 
 
 @pytest.mark.parametrize("how", ["removed", "renamed"])
-def test_removed_while_running_it_waits_and_the_same_process_recovers(nested, daemons, how):
+def test_removed_while_running_it_waits_and_the_same_process_recovers(
+    nested: str, daemons: StartDaemon, how: str
+) -> None:
     directory = nested
     kubelet = FakeKubelet(directory, Mode.E2)
     kubelet.start()
@@ -134,7 +141,7 @@ def test_removed_while_running_it_waits_and_the_same_process_recovers(nested, da
         kubelet.stop()
 
 
-def test_the_renamed_away_directory_is_watched_no_more(nested, daemons):
+def test_the_renamed_away_directory_is_watched_no_more(nested: str, daemons: StartDaemon) -> None:
     directory = nested
     kubelet = FakeKubelet(directory, Mode.E2)
     kubelet.start()

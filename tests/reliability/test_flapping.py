@@ -9,6 +9,7 @@ import threading
 
 import grpc
 
+from tests.conftest import StartDaemon, StartKubelet
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability import procfs
 from tests.reliability.common import RESOURCE, allocate_request, channel, plugin_args, scaled, stub
@@ -56,17 +57,17 @@ class _AllocateLoad:
         self._channel.close()
 
 
-def test_registers_once_per_restart_and_leaks_nothing(plugin_dir, daemons):
+def test_registers_once_per_restart_and_leaks_nothing(plugin_dir: str, daemons: StartDaemon) -> None:
     kubelet = FakeKubelet(plugin_dir, Mode.E2)
     kubelet.start()
     try:
         daemon = daemons(*plugin_args(plugin_dir, f"--count={COUNT}"))
         kubelet.wait_until(advertising(RESOURCE, COUNT, registrations=1))
         # One warm-up cycle with load, so the lazily grown pools exist before the baseline.
-        load = _AllocateLoad(plugin_dir)
+        warm_up = _AllocateLoad(plugin_dir)
         kubelet.restart()
         kubelet.wait_until(advertising(RESOURCE, COUNT, registrations=2))
-        load.stop()
+        warm_up.stop()
         start_threads, start_fds = procfs.threads(daemon.pid), procfs.fds(daemon.pid)
         start_targets = procfs.fd_targets(daemon.pid)
         registrations = len(kubelet.register_requests)
@@ -99,7 +100,9 @@ def test_registers_once_per_restart_and_leaks_nothing(plugin_dir, daemons):
         kubelet.stop()
 
 
-def test_one_registration_per_restart_at_the_largest_count(plugin_dir, kubelets, daemons):
+def test_one_registration_per_restart_at_the_largest_count(
+    plugin_dir: str, kubelets: StartKubelet, daemons: StartDaemon
+) -> None:
     """At the largest count a restart keeps the event loop busiest; it must still register
     exactly once per kubelet restart (a second Register harms kubelets 1.25-1.36)."""
     count = tokens.max_count()

@@ -7,16 +7,20 @@ CI runs a fixed, derandomized sample; `--test_env=TR_RELIABILITY=full` runs many
 
 import os
 import socket
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deviceplugin.v1beta1 import api_pb2
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import Daemon, short_tempdir
 from tests.reliability import procfs
 from tests.reliability.common import FULL, SOCKET, channel, plugin_args, ready, stub
+
+T = TypeVar("T")
 
 COUNT = 1000
 METHODS = ["GetDevicePluginOptions", "ListAndWatch", "GetPreferredAllocation", "Allocate", "PreStartContainer"]
@@ -56,8 +60,13 @@ def _index(token: str) -> int | None:
     return None
 
 
+# The daemon's directory, the daemon, a channel to it, a stub on that, and its (RSS, threads,
+# descriptors) after warming up.
+Served = tuple[str, Daemon, grpc.Channel, api_pb2_grpc.DevicePluginStub, tuple[int, int, int]]
+
+
 @pytest.fixture(scope="module")
-def served():
+def served() -> Iterator[Served]:
     directory = short_tempdir()
     daemon = Daemon(*plugin_args(directory, f"--count={COUNT}"))
     ch = channel(directory)
@@ -81,15 +90,21 @@ def served():
         assert "Exception deserializing" not in log, log[-3000:]
 
 
-def _call(fn) -> tuple[grpc.StatusCode, object]:
+def _call(fn: Callable[[], T]) -> tuple[grpc.StatusCode, T | str | None]:
+    """The status code, and the answer or the error's details."""
     try:
         return grpc.StatusCode.OK, fn()
     except grpc.RpcError as error:
         return error.code(), error.details()
 
 
+def raw_unary(ch: grpc.Channel, path: str) -> "grpc.UnaryUnaryMultiCallable[bytes, bytes]":
+    """A unary method called with the request's bytes as they are (no serializer)."""
+    return ch.unary_unary(path)
+
+
 @given(containers=st.lists(id_lists, max_size=4))
-def test_allocate(served, containers):
+def test_allocate(served: Served, containers: list[list[str]]) -> None:
     _, _daemon, _, plugin, _ = served
     request = api_pb2.AllocateRequest(
         container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=c) for c in containers]
@@ -100,15 +115,16 @@ def test_allocate(served, containers):
     )
     assert code == (grpc.StatusCode.OK if valid else grpc.StatusCode.INVALID_ARGUMENT), (code, answer)
     if valid:
+        assert isinstance(answer, api_pb2.AllocateResponse)
         assert len(answer.container_responses) == len(containers)
         for asked, got in zip(containers, answer.container_responses, strict=False):
-            held = ",".join(sorted(asked, key=_index))
+            held = ",".join(sorted(asked, key=lambda t: _index(t) or 0))
             assert dict(got.envs) == {"EXAMPLE_COM_TOKEN": held}
             assert dict(got.annotations) == {"example.com/token": held}
 
 
 @given(requests=st.lists(st.tuples(id_lists, id_lists, sizes), max_size=3))
-def test_get_preferred_allocation(served, requests):
+def test_get_preferred_allocation(served: Served, requests: list[tuple[list[str], list[str], int]]) -> None:
     _, _, _, plugin, _ = served
     request = api_pb2.PreferredAllocationRequest(
         container_requests=[
@@ -123,6 +139,7 @@ def test_get_preferred_allocation(served, requests):
     # Advice, never a refusal: unique IDs this node has, every such must-include ID, and
     # `size` of them whenever the offer allows.
     assert code == grpc.StatusCode.OK, (code, answer)
+    assert isinstance(answer, api_pb2.PreferredAllocationResponse)
     assert len(answer.container_responses) == len(requests)
     for (available, must, size), got in zip(requests, answer.container_responses, strict=True):
         chosen = list(got.deviceIDs)
@@ -133,14 +150,14 @@ def test_get_preferred_allocation(served, requests):
 
 
 @given(devices=id_lists)
-def test_prestart_container(served, devices):
+def test_prestart_container(served: Served, devices: list[str]) -> None:
     _, _, _, plugin, _ = served
     assert plugin.PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=devices), timeout=10) == (
         api_pb2.PreStartContainerResponse()
     )
 
 
-def test_options_and_list_and_watch(served):
+def test_options_and_list_and_watch(served: Served) -> None:
     _, _, _ch, plugin, _ = served
     for _ in range(20):
         assert plugin.GetDevicePluginOptions(api_pb2.Empty(), timeout=10).get_preferred_allocation_available
@@ -150,15 +167,15 @@ def test_options_and_list_and_watch(served):
 
 
 @given(name=st.text(min_size=1, max_size=30).filter(lambda n: n not in METHODS and "/" not in n))
-def test_unknown_methods(served, name):
+def test_unknown_methods(served: Served, name: str) -> None:
     _, _, ch, _, _ = served
-    code, _ = _call(lambda: ch.unary_unary(f"/v1beta1.DevicePlugin/{name}")(b"", timeout=10))
+    code, _ = _call(lambda: raw_unary(ch, f"/v1beta1.DevicePlugin/{name}")(b"", timeout=10))
     assert code == grpc.StatusCode.UNIMPLEMENTED
 
 
 @settings(max_examples=60 if not FULL else 1500)
 @given(prefix=st.sampled_from([b"", PREFACE]), body=st.binary(max_size=4096))
-def test_raw_bytes_on_the_socket(served, prefix, body):
+def test_raw_bytes_on_the_socket(served: Served, prefix: bytes, body: bytes) -> None:
     directory, daemon, _, plugin, _ = served
     with socket.socket(socket.AF_UNIX) as raw:
         raw.settimeout(5)
@@ -174,7 +191,7 @@ def test_raw_bytes_on_the_socket(served, prefix, body):
     assert daemon.process.poll() is None
 
 
-def test_memory_threads_and_descriptors_stay_bounded(served):
+def test_memory_threads_and_descriptors_stay_bounded(served: Served) -> None:
     """After every well-formed example above, the daemon is no bigger than a pool's worth of
     threads and a few MiB above where it started."""
     _, daemon, _, plugin, (rss0, threads0, fds0) = served
@@ -191,28 +208,29 @@ def test_memory_threads_and_descriptors_stay_bounded(served):
 
 
 @given(method=st.sampled_from(METHODS), body=st.binary(max_size=2048))
-def test_raw_request_bytes(served, method, body):
+def test_raw_request_bytes(served: Served, method: str, body: bytes) -> None:
     """Arbitrary bytes as the request message: a parse failure is INVALID_ARGUMENT; a message
     that parses is answered as usual; never UNKNOWN or INTERNAL (an exception in a handler or
     in grpcio's deserialization) and never a hang."""
     _, _, ch, _, _ = served
     path = f"/v1beta1.DevicePlugin/{method}"
     if method == "ListAndWatch":
-        call = ch.unary_stream(path)(body, timeout=10)
+        stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = ch.unary_stream(path)
+        call = stream(body, timeout=10)
         code, _ = _call(lambda: next(call))
         call.cancel()
     else:
-        code, _ = _call(lambda: ch.unary_unary(path)(body, timeout=10))
+        code, _ = _call(lambda: raw_unary(ch, path)(body, timeout=10))
     assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
 
-def test_undecodable_requests_do_not_grow_memory(served):
+def test_undecodable_requests_do_not_grow_memory(served: Served) -> None:
     """grpcio 1.85's server leaks about 16 KB for every request its deserializer rejects
     ("Exception deserializing request!"), measured on a bare grpcio server too. The daemon's
     deserializers never raise (the handler answers INVALID_ARGUMENT), so garbage costs nothing."""
     _, daemon, ch, _, _ = served
     undecodable = b"\xff\xff\xff\xff"
-    call = ch.unary_unary("/v1beta1.DevicePlugin/Allocate")
+    call = raw_unary(ch, "/v1beta1.DevicePlugin/Allocate")
     for _ in range(200):  # warm-up
         _call(lambda: call(undecodable, timeout=10))
     rss0 = procfs.rss_bytes(daemon.pid)

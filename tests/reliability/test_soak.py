@@ -3,7 +3,9 @@ must not grow by 2 MiB or more. CI makes 20,000 calls; TR_RELIABILITY=full makes
 
 import grpc
 
-from tests.fake_kubelet import advertising
+from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests.conftest import StartDaemon
+from tests.fake_kubelet import FakeKubelet, advertising
 from tests.reliability import procfs
 from tests.reliability.common import (
     RESOURCE,
@@ -20,7 +22,7 @@ CALLS = scaled(20_000, 100_000)
 WARM_UP = 3_000
 
 
-def _requests():
+def _requests() -> list[api_pb2.AllocateRequest]:
     """A rotating mix like a busy node's: 1 to 8 tokens per container, and a bad ID every tenth."""
     return [
         allocate_request([f"item-{COUNT + i}"])
@@ -30,7 +32,7 @@ def _requests():
     ]
 
 
-def _run(plugin, requests, calls: int) -> tuple[int, int]:
+def _run(plugin: api_pb2_grpc.DevicePluginStub, requests: list[api_pb2.AllocateRequest], calls: int) -> tuple[int, int]:
     ok = refused = 0
     for i in range(calls):
         try:
@@ -42,7 +44,7 @@ def _run(plugin, requests, calls: int) -> tuple[int, int]:
     return ok, refused
 
 
-def test_allocate_soak_keeps_memory_flat(kubelet, daemons):
+def test_allocate_soak_keeps_memory_flat(kubelet: FakeKubelet, daemons: StartDaemon) -> None:
     daemon = daemons(*plugin_args(kubelet.directory, f"--count={COUNT}"))
     kubelet.wait_until(advertising(RESOURCE, COUNT))
     ch = channel(kubelet.directory)
