@@ -5,8 +5,6 @@ the options, the device list and the allocation decisions. A new policy is one e
 `DevicePluginServicer.set_policy`, and every open ListAndWatch stream sends its devices once.
 """
 
-import functools
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
@@ -16,6 +14,7 @@ from google.protobuf import message
 
 from deviceplugin.v1beta1 import api_pb2
 from token_resource import metrics
+from token_resource.broadcast import Broadcast
 from token_resource.policy import AllocationError, DevicePolicy
 
 SERVICE = "v1beta1.DevicePlugin"
@@ -60,11 +59,7 @@ class DevicePluginServicer:
         self._policy = policy  # replaced whole by set_policy; each call reads it once
         self._resource = policy.resource
         self._listener = listener
-        self._changed = threading.Condition()
-        self._snapshot = policy.devices()
-        self._generation = 0
-        self._streams: list[int] = []  # ids of the open streams, oldest first
-        self._next_stream = 0
+        self._devices = Broadcast(policy.devices(), MAX_STREAMS, "ListAndWatch stream")
         self._closed = False
 
     def add_to_server(self, server: grpc.Server) -> None:
@@ -91,25 +86,17 @@ class DevicePluginServicer:
     def set_policy(self, policy: DevicePolicy) -> None:
         """Serves `policy` from now on; its devices go out on every open stream, unless they
         equal the ones in force."""
-        snapshot = policy.devices()
-        with self._changed:
-            self._policy = policy
-            if snapshot == self._snapshot:
-                return
-            self._snapshot = snapshot
-            self._generation += 1
-            self._changed.notify_all()
+        self._policy = policy
+        self._devices.publish(policy.devices())
 
     def close(self) -> None:
         """Stops reporting streams to the listener: the server is going away, and stopping it
         cancels the streams (so the kubelet sees an error, never a stream that ended OK)."""
-        with self._changed:
-            self._closed = True
+        self._closed = True
 
     @property
     def open_streams(self) -> int:
-        with self._changed:
-            return len(self._streams)
+        return len(self._devices)
 
     def _count(self, method: str, request: object, context: grpc.ServicerContext) -> None:
         metrics.CALLS.labels(self._resource, method).inc()
@@ -127,43 +114,18 @@ class DevicePluginServicer:
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[api_pb2.ListAndWatchResponse]:
         self._count("ListAndWatch", request, context)
-        if not context.add_callback(self._wake):
+        stream = self._devices.open(context)
+        if stream is None:
             return
-        with self._changed:
-            stream = self._next_stream
-            self._next_stream += 1
-            self._streams.append(stream)
-            if len(self._streams) > MAX_STREAMS:
-                self._streams.pop(0)  # the oldest ends at its next wake-up
-                self._changed.notify_all()
         self._listener.stream_opened(self, stream)
         logging.vlog(1, "ListAndWatch opened")
         try:
-            sent = -1
-            while True:
-                with self._changed:
-                    self._changed.wait_for(functools.partial(self._news_for, stream, context, sent))
-                    if stream not in self._streams:
-                        context.abort(grpc.StatusCode.ABORTED, "superseded by a newer ListAndWatch stream")
-                    if not context.is_active():
-                        return
-                    sent, snapshot = self._generation, self._snapshot
+            for snapshot in self._devices.values(stream, context):
                 logging.vlog(1, "ListAndWatch: sending %d devices", len(snapshot.devices))
                 yield snapshot
         finally:
-            with self._changed:
-                if stream in self._streams:
-                    self._streams.remove(stream)
             if not self._closed:
                 self._listener.stream_closed(self, stream)
-
-    def _news_for(self, stream: int, context: grpc.ServicerContext, sent: int) -> bool:
-        """Whether stream `stream`, which last sent generation `sent`, has something to do."""
-        return stream not in self._streams or not context.is_active() or self._generation != sent
-
-    def _wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
 
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext

@@ -7,12 +7,12 @@ steps aside (it stops publishing and never registers again), and if the newer on
 the older registers at once. Newer always wins, so two instances never take turns.
 """
 
-import functools
 import threading
 from collections.abc import Callable, Iterator
 
 import grpc
 
+from token_resource.broadcast import Broadcast
 from tokenresource.handoff.v1 import api_pb2, api_pb2_grpc
 
 # Each Watch pins a server thread, like a ListAndWatch stream; an older instance holds one. Beyond
@@ -26,62 +26,22 @@ class HandoffService(api_pb2_grpc.HandoffServicer):
     def __init__(self, instance: int, resource: str) -> None:
         self._instance = instance
         self._resource = resource
-        self._changed = threading.Condition()
-        self._registered = False
-        self._generation = 0
-        self._closed = False
-        self._watches: list[int] = []  # ids of the open Watch streams, oldest first
-        self._next_watch = 0
+        self._registered = Broadcast(False, MAX_WATCHES, "Watch")
 
     def add_to_server(self, server: grpc.Server) -> None:
         api_pb2_grpc.add_HandoffServicer_to_server(self, server)
 
     def set_registered(self, registered: bool) -> None:
-        with self._changed:
-            if registered != self._registered:
-                self._registered = registered
-                self._generation += 1
-                self._changed.notify_all()
-
-    def close(self) -> None:
-        """Ends every Watch stream (the server is going away)."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+        self._registered.publish(registered)
 
     def Watch(self, request: api_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[api_pb2.InstanceState]:
         if request.resource != self._resource:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this socket serves {self._resource}")
-        context.add_callback(self._wake)
-        with self._changed:
-            watch = self._next_watch
-            self._next_watch += 1
-            self._watches.append(watch)
-            if len(self._watches) > MAX_WATCHES:
-                self._watches.pop(0)  # the oldest ends at its next wake-up
-                self._changed.notify_all()
-        try:
-            sent = -1
-            while True:
-                with self._changed:
-                    self._changed.wait_for(functools.partial(self._news, watch, context, sent))
-                    if watch not in self._watches:
-                        context.abort(grpc.StatusCode.ABORTED, "superseded by a newer Watch")
-                    if self._closed or not context.is_active():
-                        return
-                    sent, registered = self._generation, self._registered
-                yield api_pb2.InstanceState(instance=self._instance, registered=registered)
-        finally:
-            with self._changed:
-                if watch in self._watches:
-                    self._watches.remove(watch)
-
-    def _news(self, watch: int, context: grpc.ServicerContext, sent: int) -> bool:
-        return self._closed or watch not in self._watches or not context.is_active() or self._generation != sent
-
-    def _wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
+        watch = self._registered.open(context)
+        if watch is None:
+            return
+        for registered in self._registered.values(watch, context):
+            yield api_pb2.InstanceState(instance=self._instance, registered=registered)
 
 
 class SuccessorWatch:

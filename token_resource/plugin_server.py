@@ -110,7 +110,6 @@ class PluginServer:
         """Ends the streams (the kubelet sees an error, never a stream that ended OK), stops
         serving and removes the socket if it is still ours."""
         self.servicer.close()
-        self.handoff.close()
         self._server.stop(grace=None)
         if self.owns_socket():
             with contextlib.suppress(FileNotFoundError):
