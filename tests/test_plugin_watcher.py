@@ -15,6 +15,18 @@ RESOURCE = "example.com/token"
 SOCKET = "token.sock"
 
 
+@pytest.fixture(autouse=True)
+def shard(request: pytest.FixtureRequest) -> None:
+    """Bazel's shard_count: bazel/pytest_main.py does not shard, so this module does, by the
+    test's position in the collection."""
+    total = int(os.environ.get("TEST_TOTAL_SHARDS", "1"))
+    if "TEST_SHARD_STATUS_FILE" in os.environ:
+        with open(os.environ["TEST_SHARD_STATUS_FILE"], "a"):
+            pass  # tells Bazel the test shards
+    if request.session.items.index(request.node) % total != int(os.environ.get("TEST_SHARD_INDEX", "0")):
+        pytest.skip("in another shard")
+
+
 @pytest.fixture
 def registry() -> Iterator[str]:
     directory = short_tempdir("tr-reg-")
@@ -150,3 +162,23 @@ def test_a_second_instance_on_the_same_socket_waits_for_the_first(
     assert len(kubelet.watcher_attempts) == 2 and kubelet.deregistrations == [(socket_path(kubelet), RESOURCE)]
     assert "re-creating" not in second.log()
     assert kubelet.resources[RESOURCE].connected
+
+
+def test_a_kubelet_restart_while_only_a_stale_socket_is_there(
+    daemons: Callable[..., Daemon], kubelet: FakeKubelet
+) -> None:
+    """The restarted kubelet finds the dead daemon's socket and keeps dialling it (each dial
+    fails, the reconciler backs off); the next daemon replaces it and ends registered. A dial in
+    flight may reach the new socket: registered under the old socket's timestamp, the kubelet
+    then unregisters it (closing its stream) and registers it again, which the daemon follows."""
+    first = start(daemons, kubelet)
+    kubelet.wait_until(accepted(kubelet, 1))
+    first.process.kill()
+    first.process.wait()
+    kubelet.restart()
+    kubelet.wait_until(lambda k: any(a.socket_path == socket_path(k) and a.error for a in k.watcher_attempts))
+    second = start(daemons, kubelet)
+    second.wait_for_log(f"removed stale socket {socket_path(kubelet)}")
+    kubelet.wait_until(lambda k: k.registered_plugins() == {socket_path(k): RESOURCE} and advertising(RESOURCE, 2)(k))
+    kubelet.wait_until(reconciler_passes(40))  # settled: still registered, nothing re-created
+    assert advertising(RESOURCE, 2)(kubelet) and "re-creating" not in second.log()
