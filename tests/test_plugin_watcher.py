@@ -15,18 +15,6 @@ RESOURCE = "example.com/token"
 SOCKET = "token.sock"
 
 
-@pytest.fixture(autouse=True)
-def shard(request: pytest.FixtureRequest) -> None:
-    """Bazel's shard_count: bazel/pytest_main.py does not shard, so this module does, by the
-    test's position in the collection."""
-    total = int(os.environ.get("TEST_TOTAL_SHARDS", "1"))
-    if "TEST_SHARD_STATUS_FILE" in os.environ:
-        with open(os.environ["TEST_SHARD_STATUS_FILE"], "a"):
-            pass  # tells Bazel the test shards
-    if request.session.items.index(request.node) % total != int(os.environ.get("TEST_SHARD_INDEX", "0")):
-        pytest.skip("in another shard")
-
-
 @pytest.fixture
 def registry() -> Iterator[str]:
     directory = short_tempdir("tr-reg-")

@@ -36,7 +36,6 @@ from token_resource.device_plugin import DevicePluginServicer
 from token_resource.handoff import HandoffService, SuccessorWatch
 from token_resource.kubelet import DirectoryEvent, Endpoint, Registration
 from token_resource.plugin_server import CannotServeError, PluginServer, is_live, remove_if_stale
-from token_resource.plugin_watcher import RegistrationService
 from token_resource.policy import DevicePolicy
 
 BACKOFF_FIRST_S = 0.5
@@ -352,7 +351,13 @@ class PluginRunner:
         if not self._watching_directory():
             return
         servicer = DevicePluginServicer(self.policy, self)
-        registration = RegistrationService(self._resource, self) if self._watcher_mode else None
+        registration = None
+        if self._watcher_mode:
+            # Imported only in this mode: the pluginregistration API is start-up time and memory
+            # that a kubelet.sock plugin never uses (BENCHMARKS.md, "Memory and start-up").
+            from token_resource.plugin_watcher import RegistrationService
+
+            registration = RegistrationService(self._resource, self)
         try:
             new = PluginServer(self._socket_path, servicer, HandoffService(self.instance, self._resource), registration)
         except CannotServeError as error:
@@ -588,8 +593,13 @@ class PluginRunner:
             self._recreate_socket(f"the kubelet did not ask for GetInfo within {WATCHER_TIMEOUT_S:.0f} s")
 
     def _info_requested(self) -> None:
-        if self.phase is Phase.REGISTERING:
+        if self.phase in (Phase.REGISTERING, Phase.AWAITING_STREAM, Phase.REGISTERED):
             logging.info("%s: the kubelet's plugin watcher found %s", self._resource, self._socket_path)
+            # A new registration (a restarted kubelet's, say): its stream is the one to follow,
+            # even if the old stream's end has not been seen yet.
+            self._kubelet_stream = None
+            self._stream_deadline = None
+            self._set_phase(Phase.REGISTERING)
             self._await_watcher()  # it dials and calls GetDevicePluginOptions next; allow it time
 
     def _registration_status(self, registered: bool, error: str) -> None:
