@@ -236,7 +236,7 @@ def _config(rendered) -> tuple[str, str]:
 
 def test_configmap_holds_a_config_the_daemon_accepts(rendered):
     text, _ = _config(rendered)
-    [plugin] = config.parse_config(text, config.DEFAULT_PLUGIN_DIR, "any-node")
+    [plugin] = config.parse_config(text, config.Placement(), "any-node")
     assert (plugin.resource, plugin.count) == ("example.com/token", 2)
     # No socket name: each instance serves on a socket of its own, so that two (a surge update)
     # can run side by side on a node.
@@ -250,7 +250,7 @@ def test_the_commented_examples_work_when_uncommented(rendered):
     example = re.sub(r"(?m)^(\s*)# ( *(?:- )?[\w./-]+:(?: \S+)?)$", r"\1\2", text)
     assert example != text
     counts = {
-        node: {p.resource: p.count for p in config.parse_config(example, config.DEFAULT_PLUGIN_DIR, node)}
+        node: {p.resource: p.count for p in config.parse_config(example, config.Placement(), node)}
         for node in ("worker-small", "worker-big", "another-node")
     }
     assert counts == {
@@ -263,7 +263,7 @@ def test_the_commented_examples_work_when_uncommented(rendered):
 def test_the_test_deployment_asks_for_one_token_of_the_configured_resource(rendered):
     [deployment] = manifests.load_documents(manifests.K8S_DIR / "token-resource-test.yaml")
     text, _ = _config(rendered)
-    [plugin] = config.parse_config(text, config.DEFAULT_PLUGIN_DIR, None)
+    [plugin] = config.parse_config(text, config.Placement(), None)
     assert deployment["spec"]["replicas"] == 10
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"][plugin.resource] == 1
