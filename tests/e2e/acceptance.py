@@ -31,6 +31,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from kube import CheckFailedError, Kubectl, poll
 
@@ -66,7 +68,7 @@ class Acceptance:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.kubectl = Kubectl(args.kubectl, args.kubeconfig)
-        self.timeline: list[tuple[str, float]] = []
+        self.timeline: list[tuple[str, float | None]] = []
         self.passed: list[str] = []
         self.nodes: list[str] = []
         self.plugin_pods: dict[str, str] = {}
@@ -147,7 +149,7 @@ class Acceptance:
             self.apply_rendered(rendered, DEFAULT_IMAGE, self.args.image)
         self.mark("kubectl apply -k k8s/ done", time.monotonic() - start)
 
-        def rolled_out():
+        def rolled_out() -> tuple[bool, dict[str, Any]]:
             ds = self.kubectl.json("get", "daemonset", "-n", NAMESPACE, DAEMONSET)
             status = ds.get("status", {})
             want = status.get("desiredNumberScheduled", 0)
@@ -162,7 +164,7 @@ class Acceptance:
         poll("the DaemonSet to roll out (every pod Ready: registered, per /readyz)", self.args.timeout, rolled_out)
         self.mark(f"DaemonSet rolled out: {len(self.nodes)} pod(s) Ready", time.monotonic() - start)
 
-        def advertised():
+        def advertised() -> tuple[bool, dict[str, tuple[str, str]]]:
             tokens = self.node_tokens()
             return all(t == (str(COUNT), str(COUNT)) for t in tokens.values()), tokens
 
@@ -194,7 +196,7 @@ class Acceptance:
         }
         self.kubectl.run("apply", "-f", "-", stdin=json.dumps(pod))
 
-        def finished():
+        def finished() -> tuple[str | bool, dict[str, Any]]:
             status = self.kubectl.json("get", "pod", "-n", NAMESPACE, "token-env").get("status", {})
             return status.get("phase") in ("Succeeded", "Failed") and status["phase"], status
 
@@ -249,7 +251,7 @@ class Acceptance:
         self.apply_rendered(text, DEFAULT_WORKLOAD_IMAGE, self.args.workload_image)
         want = min(REPLICAS, COUNT * len(self.nodes))
 
-        def settled():
+        def settled() -> tuple[str | bool, str]:
             done, detail = self.deployment_state()
             return done and detail, detail
 
@@ -272,7 +274,7 @@ class Acceptance:
                 raise CheckFailedError(f"kubelet restart command exited {result.returncode}: {command}")
             self.mark(f"{node}: kubelet restart command returned", time.monotonic() - start)
 
-            def re_registered(node=node):
+            def re_registered(node: str = node) -> tuple[bool, str]:
                 beat = self.heartbeats()[node]
                 tokens = self.node_tokens()[node]
                 # A status posted by the new kubelet, which has the plugin registered again.
@@ -293,8 +295,8 @@ class Acceptance:
         with the new one (this includes the kubelet's start-up until kubelet.sock exists)."""
         [pod] = [p for p in self.pods(PLUGIN_SELECTOR) if p["spec"].get("nodeName") == node]
         log = self.kubectl.run("logs", "-n", NAMESPACE, pod["metadata"]["name"]).splitlines()
-        stamped = [(_absl_time(line), line) for line in log]
-        stamped = [(t, line) for t, line in stamped if t is not None]
+        read = [(_absl_time(line), line) for line in log]
+        stamped = [(t, line) for t, line in read if t is not None]
         opened = [i for i, (_, line) in enumerate(stamped) if "kubelet opened ListAndWatch" in line]
         registered = [i for i, (_, line) in enumerate(stamped) if "registered with the kubelet" in line]
         if len(opened) < 2 or len(registered) < 2:
@@ -322,7 +324,7 @@ class Acceptance:
             "patch", "configmap", "-n", NAMESPACE, "token-resource-config", "--type=merge", "-p", json.dumps(patch)
         )
 
-        def advertised():
+        def advertised() -> tuple[bool, dict[str, tuple[str, str]]]:
             tokens = self.node_tokens()
             return all(t == (str(COUNT + 1),) * 2 for t in tokens.values()), tokens
 
@@ -331,7 +333,7 @@ class Acceptance:
             f"ConfigMap count {COUNT} -> {COUNT + 1}: allocatable {COUNT + 1} on every node", time.monotonic() - start
         )
 
-        def settled():
+        def settled() -> tuple[str | bool, str]:
             done, detail = self.deployment_state(COUNT + 1)
             return done and detail, detail
 
@@ -352,7 +354,7 @@ class Acceptance:
         start = time.monotonic()
         self.kubectl.run("delete", "namespace", NAMESPACE, "--wait=false")
 
-        def withdrawn():
+        def withdrawn() -> tuple[bool, dict[str, tuple[str, str]]]:
             tokens = self.node_tokens()
             return all(t[1] == "0" for t in tokens.values()), tokens
 
@@ -393,7 +395,7 @@ class Acceptance:
                 subprocess.run(command, shell=True, cwd=REPO, check=False)
 
     def run(self) -> int:
-        steps = [
+        steps: list[tuple[str, Callable[[], None] | None]] = [
             ("preflight: nodes, no leftovers", self.preflight),
             ("install: DaemonSet Ready, capacity = allocatable = 2 on every node", self.step_install),
             ("a pod holding a token sees it in its environment", self.step_token_in_environment),

@@ -62,8 +62,12 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from kube import CheckFailedError, Kubectl, Watch, cri_log_lines, parse_time, poll
+
+T = TypeVar("T")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 NAMESPACE = "token-resource"
@@ -224,7 +228,7 @@ class Suite:
             Watch(self.kubectl, ["node", self.node], self._on_node, self.changed),
         ]
 
-    def wait(self, what: str, timeout: float, probe):
+    def wait(self, what: str, timeout: float, probe: Callable[[], tuple[T | None, object]]) -> T:
         return self.watches[0].wait_for(what, timeout, probe)
 
     # -- state ------------------------------------------------------------------------------
@@ -297,15 +301,11 @@ class Suite:
             )
             if phase == "Terminating":
                 print(f"namespace {namespace} is being deleted: waiting for it to go", flush=True)
-                poll(
-                    f"namespace {namespace} to go",
-                    300,
-                    lambda ns=namespace: (
-                        not self.kubectl.run("get", "namespace", ns, "--ignore-not-found").strip(),
-                        "",
-                    ),
-                    2,
-                )
+
+                def gone(ns: str = namespace) -> tuple[bool, str]:
+                    return not self.kubectl.run("get", "namespace", ns, "--ignore-not-found").strip(), ""
+
+                poll(f"namespace {namespace} to go", 300, gone, 2)
         # Token pods that are not ours would make the count check meaningless.
         pods = self.kubectl.json("get", "pods", "-A", "--field-selector", f"spec.nodeName={self.node}")["items"]
         others = [
@@ -362,7 +362,7 @@ class Suite:
         allocatable == count."""
         count = self.count if count is None else count
 
-        def back():
+        def back() -> tuple[bool, str]:
             pod = self.plugin_pod()
             if not self.ready(pod):
                 return False, f"plugin pod {pod.name if pod else None} not Ready; allocatable {self.allocatable()}"
@@ -437,7 +437,7 @@ class Suite:
         """Every pod bound before `recovered` has started or ended, and 2 pods started since then
         have succeeded (the churn goes on)."""
 
-        def settled():
+        def settled() -> tuple[bool, str]:
             unsettled = [
                 r.name
                 for r in self.job_pods(job)
@@ -568,7 +568,7 @@ class Suite:
         server's pod proxy), else a node status with it."""
         path = f"/api/v1/namespaces/{NAMESPACE}/pods/{pod.name}:8080/proxy/metrics"
 
-        def served():
+        def served() -> tuple[float | bool, str]:
             text = self.kubectl.run("get", "--raw", path, check=False, timeout=10)
             values = re.findall(rf'^token_resource_tokens\{{resource="{re.escape(RESOURCE)}"\}} (\S+)$', text, re.M)
             if values:
@@ -604,7 +604,7 @@ class Suite:
         copy["spec"]["template"]["metadata"].get("annotations", {}).pop("kubectl.kubernetes.io/restartedAt", None)
         self.kubectl.run("create", "-f", "-", stdin=json.dumps(copy))
 
-        def second_ready():
+        def second_ready() -> tuple[bool, list[tuple[str, int, str]]]:
             with self.lock:
                 ours = [
                     r
@@ -830,7 +830,7 @@ class Suite:
             print(f"      ERROR: {r.error}", flush=True)
 
     def table(self) -> str:
-        def per_run(values) -> str:
+        def per_run(values: Iterable[object]) -> str:
             return ", ".join(str(v) for v in values)
 
         rows = [

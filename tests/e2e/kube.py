@@ -13,6 +13,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class CheckFailedError(Exception):
@@ -35,7 +38,7 @@ class Kubectl:
         return json.loads(self.run(*args, "-o", "json"))
 
 
-def poll(what: str, timeout: float, probe, interval: float = 0.5):
+def poll(what: str, timeout: float, probe: Callable[[], tuple[T | None, object]], interval: float = 0.5) -> T:
     """Calls probe() until it returns something truthy; CheckFailedError with its last answer after timeout.
 
     probe returns (value, detail): value truthy means done; detail describes the state seen."""
@@ -60,7 +63,7 @@ def parse_time(text: str | None) -> float | None:
     if not match:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
-    seconds = calendar.timegm((int(year), int(month), int(day), int(hour), int(minute), int(second)))
+    seconds: float = calendar.timegm((int(year), int(month), int(day), int(hour), int(minute), int(second)))
     seconds += float(fraction) if fraction else 0.0
     if zone != "Z":
         sign = 1 if zone[0] == "+" else -1
@@ -150,7 +153,9 @@ class Watch:
                     self.errors.append(error)
                 self.stopped.wait(1)
 
-    def wait_for(self, what: str, timeout: float, probe, recheck: float = 1.0):
+    def wait_for(
+        self, what: str, timeout: float, probe: Callable[[], tuple[T | None, object]], recheck: float = 1.0
+    ) -> T:
         """Like poll(), but woken by the watch's events (and every `recheck` seconds for probes
         that depend on the clock or on something else)."""
         deadline = time.monotonic() + timeout
