@@ -15,35 +15,33 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import TypedDict
 
-# Keep gRPC's C-core INFO lines ("Got goaway ...") out of the tables; inherited by the daemons spawned.
+# Keep gRPC's C-core INFO lines ("Got goaway ...") out of the tables; inherited by the servers spawned.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
-from google.protobuf.message import Message
+import harness  # bench/harness.py: starting servers, statistics, tables
+from harness import RESOURCE, fmt, ratio, summary, table
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from tests.daemon import Daemon, binary_path, run_to_exit, short_tempdir
-from tests.fake_kubelet import FakeKubelet, Mode
-from tests.reliability import procfs
+from tests import procfs
+from tests.daemon import binary_path, run_to_exit
+from tests.fake_kubelet import FakeKubelet
 from token_resource import tokens
 
-RESOURCE = "example.com/token"
 SOCKET = "token-resource.sock"
 MAX = tokens.max_count()
 SIZES = (1, 100, 1000)
 COUNTS = (1, 1_000, 10_000, 100_000, MAX)
 
 
-# Statistics ----------------------------------------------------------------------------------
+def daemon(count: int) -> harness.Starter:
+    """The daemon with `count` tokens of RESOURCE, serving SOCKET."""
+    return harness.daemon(f"--socket={SOCKET}", f"--count={count}")
 
 
 def _reconnected(kubelet: FakeKubelet, seen: int) -> bool:
@@ -52,122 +50,7 @@ def _reconnected(kubelet: FakeKubelet, seen: int) -> bool:
     return resource.options is not None and resource.connected and len(resource.snapshots) > seen
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of `values` (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil
-    return ordered[int(rank) - 1]
-
-
-class Summary(TypedDict):
-    """A figure over several runs: their median and spread, and every run's value."""
-
-    median: float
-    min: float
-    max: float
-    runs: list[float]
-
-
-def summary(per_run: list[float]) -> Summary:
-    """Median of per-run figures, and their spread."""
-    return {"median": statistics.median(per_run), "min": min(per_run), "max": max(per_run), "runs": per_run}
-
-
-def ratio(plugin: Summary, baseline: Summary) -> float:
-    return plugin["median"] / baseline["median"] if baseline["median"] else float("nan")
-
-
-def fmt(s: Summary, unit: str = "ms", scale: float = 1e3, digits: int = 3) -> str:
-    return f"{s['median'] * scale:.{digits}f} {unit} [{s['min'] * scale:.{digits}f}..{s['max'] * scale:.{digits}f}]"
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n## {title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
-    sys.stdout.flush()
-
-
-# Processes ----------------------------------------------------------------------------------
-
-
-def _workspace_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class NoopServer:
-    """//bench:noop_server in its own process: the baseline gRPC server."""
-
-    def __init__(self, directory: str, responses: str | None = None) -> None:
-        self.socket = os.path.join(directory, "noop.sock")
-        args = [os.path.join(_workspace_root(), "bench", "noop_server"), f"--socket={self.socket}"]
-        if responses:
-            args.append(f"--responses={responses}")
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert self.process.stdout is not None  # stdout=PIPE
-        if self.process.stdout.readline().strip() != b"serving":
-            raise RuntimeError("noop server did not start")
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
-def connect(path: str) -> grpc.Channel:
-    ch = grpc.insecure_channel(
-        f"unix://{path}",
-        options=[("grpc.default_authority", "localhost"), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-    )
-    grpc.channel_ready_future(ch).result(timeout=30)
-    return ch
-
-
-def registered(k: FakeKubelet) -> bool:
-    r = k.resources.get(RESOURCE)
-    return r is not None and r.connected and bool(r.snapshots)
-
-
-def settle(pid: int, timeout: float = 5.0) -> None:
-    """Until RSS stops moving (three equal readings 100 ms apart) or `timeout`."""
-    deadline, last, same = time.monotonic() + timeout, None, 0
-    while time.monotonic() < deadline and same < 3:
-        value = procfs.rss_bytes(pid)
-        same = same + 1 if value == last else 0
-        last = value
-        time.sleep(0.1)
-
-
-class TimedKubelet(FakeKubelet):
-    """The fake kubelet, noting when kubelet.sock is served (on the clock of register_times)."""
-
-    def __init__(self, directory: str, mode: Mode = Mode.E2) -> None:
-        super().__init__(directory, mode)
-        self.started_at = 0.0
-
-    def start(self) -> None:
-        super().start()
-        self.started_at = time.monotonic()
-
-
 # Unary latency ------------------------------------------------------------------------------
-
-
-def _latencies(call: Callable[..., object], request: Message, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        call(request, timeout=30)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _allocate_request(n: int) -> api_pb2.AllocateRequest:
@@ -188,15 +71,8 @@ def _preferred_request(n: int) -> api_pb2.PreferredAllocationRequest:
 
 def bench_allocate(repeats: int) -> dict:
     """Allocate (and GetPreferredAllocation) latency: daemon vs the no-op server, interleaved."""
-    directory = short_tempdir("tr-bench-")
-    kubelet = FakeKubelet(directory, Mode.E2)
-    kubelet.start()
-    daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={max(SIZES)}")
-    noop = None
-    try:
-        kubelet.wait_until(registered, timeout=30)
-        plugin_ch = connect(os.path.join(directory, SOCKET))
-        plugin = api_pb2_grpc.DevicePluginStub(plugin_ch)
+    with harness.serving(daemon(max(SIZES)), timeout=30) as server:
+        plugin = api_pb2_grpc.DevicePluginStub(server.connect())
         # The baseline returns the daemon's own answers, byte for byte, without computing them.
         canned: dict[str, dict[int, str]] = {"Allocate": {}, "GetPreferredAllocation": {}}
         for n in SIZES:
@@ -204,55 +80,45 @@ def bench_allocate(repeats: int) -> dict:
             canned["GetPreferredAllocation"][n] = (
                 plugin.GetPreferredAllocation(_preferred_request(n)).SerializeToString().hex()
             )
-        responses = os.path.join(directory, "canned.json")
+        responses = os.path.join(server.directory, "canned.json")
         with open(responses, "w", encoding="utf-8") as f:
             json.dump(canned, f)
-        noop = NoopServer(directory, responses)
-        noop_ch = connect(noop.socket)
-        base = api_pb2_grpc.DevicePluginStub(noop_ch)
-
-        results, rows = {}, []
-        cases = [("Allocate", n) for n in SIZES] + [("GetPreferredAllocation", n) for n in SIZES]
-        for method, n in cases:
-            request = _allocate_request(n) if method == "Allocate" else _preferred_request(n)
-            calls = {1: 2000, 100: 1000, 1000: 300}[n]
-            runs: dict[str, dict[str, list[float]]] = {
-                "plugin": {"p50": [], "p99": []},
-                "baseline": {"p50": [], "p99": []},
-            }
-            for r in range(repeats):
-                order = [("plugin", plugin), ("baseline", base)]
-                for name, target in order if r % 2 == 0 else order[::-1]:
-                    call = getattr(target, method)
-                    _latencies(call, request, min(200, calls // 4))  # warm-up
-                    lat = _latencies(call, request, calls)
-                    runs[name]["p50"].append(percentile(lat, 50))
-                    runs[name]["p99"].append(percentile(lat, 99))
-            key = f"{method}[{n}]"
-            entry: dict[str, object] = {
-                "calls_per_run": calls,
-                "request_bytes": request.ByteSize(),
-                "response_bytes": len(bytes.fromhex(canned[method][n])),
-            }
-            for q in ("p50", "p99"):
-                p, b = summary(runs["plugin"][q]), summary(runs["baseline"][q])
-                entry[q] = {"plugin_s": p, "baseline_s": b, "ratio": ratio(p, b)}
-                rows.append([key, q, fmt(p), fmt(b), f"{ratio(p, b):.2f}"])
-            results[key] = entry
-        table(
-            f"Allocate / GetPreferredAllocation latency over the unix socket (median [min..max] of {repeats} runs)",
-            ["call[IDs]", "q", "plugin", "no-op baseline", "ratio"],
-            rows,
-        )
-        plugin_ch.close()
-        noop_ch.close()
-        return results
-    finally:
-        if noop is not None:
-            noop.stop()
-        daemon.terminate()
-        daemon.close()
-        kubelet.stop()
+        with harness.serving(harness.noop_server(f"--responses={responses}"), baseline=True) as noop:
+            base = api_pb2_grpc.DevicePluginStub(noop.channels[0])
+            results, rows = {}, []
+            cases = [("Allocate", n) for n in SIZES] + [("GetPreferredAllocation", n) for n in SIZES]
+            for method, n in cases:
+                request = _allocate_request(n) if method == "Allocate" else _preferred_request(n)
+                calls = {1: 2000, 100: 1000, 1000: 300}[n]
+                runs: dict[str, dict[str, list[float]]] = {
+                    "plugin": {"p50": [], "p99": []},
+                    "baseline": {"p50": [], "p99": []},
+                }
+                for r in range(repeats):
+                    order = [("plugin", plugin), ("baseline", base)]
+                    for name, target in order if r % 2 == 0 else order[::-1]:
+                        call = getattr(target, method)
+                        harness.latencies(call, request, min(200, calls // 4))  # warm-up
+                        lat = harness.latencies(call, request, calls)
+                        runs[name]["p50"].append(harness.percentile(lat, 50))
+                        runs[name]["p99"].append(harness.percentile(lat, 99))
+                key = f"{method}[{n}]"
+                entry: dict[str, object] = {
+                    "calls_per_run": calls,
+                    "request_bytes": request.ByteSize(),
+                    "response_bytes": len(bytes.fromhex(canned[method][n])),
+                }
+                for q in ("p50", "p99"):
+                    p, b = summary(runs["plugin"][q]), summary(runs["baseline"][q])
+                    entry[q] = {"plugin_s": p, "baseline_s": b, "ratio": ratio(p, b)}
+                    rows.append([key, q, fmt(p), fmt(b), f"{ratio(p, b):.2f}"])
+                results[key] = entry
+    table(
+        f"Allocate / GetPreferredAllocation latency over the unix socket (median [min..max] of {repeats} runs)",
+        ["call[IDs]", "q", "plugin", "no-op baseline", "ratio"],
+        rows,
+    )
+    return results
 
 
 # Start-up ------------------------------------------------------------------------------------
@@ -266,24 +132,12 @@ def _time_process(args: list[str], env: dict | None = None) -> float:
 
 def startup_to_snapshot(count: int) -> float:
     """Process start -> the fake kubelet holds the first ListAndWatch snapshot."""
-    directory = short_tempdir("tr-bench-")
-    kubelet = FakeKubelet(directory, Mode.E2)
-    kubelet.start()
-    try:
-        t = time.perf_counter()
-        daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={count}")
-        try:
-            kubelet.wait_until(registered, timeout=60)
-            return time.perf_counter() - t
-        finally:
-            daemon.terminate()
-            daemon.close()
-    finally:
-        kubelet.stop()
+    with harness.serving(daemon(count)) as server:
+        return server.startup_s
 
 
 def bench_startup(repeats: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = harness.python_env()
     runs: dict[str, list[float]] = {"plugin": [], "import_grpc": [], "python": [], "version": []}
     for _ in range(repeats):
         runs["plugin"].append(startup_to_snapshot(1))
@@ -315,13 +169,10 @@ def bench_startup(repeats: int) -> dict:
 
 
 def recovery_trials(trials: int, count: int = 1) -> dict:
-    directory = short_tempdir("tr-bench-")
-    kubelet = TimedKubelet(directory, Mode.E2)
-    kubelet.start()
-    daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={count}")
     register, snapshot = [], []
-    try:
-        kubelet.wait_until(registered, timeout=60)
+    with harness.serving(daemon(count)) as server:
+        kubelet = server.kubelet
+        assert kubelet is not None  # not a baseline
         for _ in range(trials):
             seen = len(kubelet.resources[RESOURCE].snapshots)
             kubelet.restart()  # forgets the options: only a new registration sets them again
@@ -332,11 +183,12 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
         extra = len(kubelet.register_requests) - (trials + 1)  # Register calls beyond one per restart
         violations = list(kubelet.violations)
         if extra and os.environ.get("BENCH_DEBUG"):
-            print(daemon.log()[-20000:])
-        daemon.terminate()
-        # Baseline: the floor for any plugin, a process that is already connected-ready and
-        # needs only to dial the new kubelet.sock and make one call (answered at once).
-        floor = []
+            with open(os.path.join(server.directory, "daemon.log"), encoding="utf-8", errors="replace") as f:
+                print(f.read()[-20000:])
+    # Baseline: the floor for any plugin, a process that is already connected-ready and needs
+    # only to dial the new kubelet.sock and make one call (answered at once).
+    floor = []
+    with harness.kubelet() as kubelet:
         for _ in range(trials):
             kubelet.restart()
             t = kubelet.started_at
@@ -345,15 +197,12 @@ def recovery_trials(trials: int, count: int = 1) -> dict:
                 api_pb2_grpc.RegistrationStub(ch).Register(api_pb2.RegisterRequest(version="baseline"), timeout=10)
             floor.append(time.monotonic() - t)
             ch.close()
-    finally:
-        daemon.close()
-        kubelet.stop()
 
     def dist(values: list[float]) -> dict[str, float]:
         return {
             "min": min(values),
             "median": statistics.median(values),
-            "p99": percentile(values, 99),
+            "p99": harness.percentile(values, 99),
             "max": max(values),
             "trials": len(values),
         }
@@ -391,52 +240,18 @@ def bench_recovery(trials: int) -> dict:
 # Idle footprint -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def registered_daemon(count: int) -> Iterator[tuple[str, Daemon]]:
-    """(plugin directory, daemon) for a daemon with `count` tokens, registered with a fake
-    kubelet; both are stopped afterwards."""
-    directory = short_tempdir("tr-bench-")
-    kubelet = FakeKubelet(directory, Mode.E2)
-    kubelet.start()
-    daemon = Daemon(f"--plugin_dir={directory}", f"--socket={SOCKET}", f"--count={count}")
-    try:
-        kubelet.wait_until(registered, timeout=60)
-        yield directory, daemon
-    finally:
-        daemon.terminate()
-        daemon.close()
-        kubelet.stop()
-
-
-def idle_footprint(count: int) -> dict[str, int]:
-    with registered_daemon(count) as (_, daemon):
-        settle(daemon.pid)
-        return {
-            "rss": procfs.rss_bytes(daemon.pid),
-            "threads": procfs.threads(daemon.pid),
-            "fds": procfs.fds(daemon.pid),
-        }
+def idle_footprint(server: harness.Server) -> dict[str, int]:
+    harness.settle(server.pid)
+    return {"rss": procfs.rss_bytes(server.pid), "threads": procfs.threads(server.pid), "fds": procfs.fds(server.pid)}
 
 
 def bench_idle(repeats: int) -> dict:
     runs: dict[str, list[dict[str, int]]] = {"plugin": [], "baseline": []}
     for _ in range(repeats):
-        runs["plugin"].append(idle_footprint(1))
-        directory = short_tempdir("tr-bench-")
-        noop = NoopServer(directory)
-        try:
-            ch = connect(noop.socket)
-            options: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(
-                "/v1beta1.DevicePlugin/GetDevicePluginOptions"
-            )
-            options(b"", timeout=10)
-            settle(noop.pid)
-            runs["baseline"].append(
-                {"rss": procfs.rss_bytes(noop.pid), "threads": procfs.threads(noop.pid), "fds": procfs.fds(noop.pid)}
-            )
-            ch.close()
-        finally:
-            noop.stop()
+        with harness.serving(daemon(1)) as server:
+            runs["plugin"].append(idle_footprint(server))
+        with harness.serving(harness.noop_server(), baseline=True) as noop:  # one call answered, its channel open
+            runs["baseline"].append(idle_footprint(noop))
     out, rows = {}, []
     for key, unit, scale in (("rss", "MiB", 2**-20), ("threads", "", 1), ("fds", "", 1)):
         p = summary([r[key] * scale for r in runs["plugin"]])
@@ -459,8 +274,7 @@ def bench_idle(repeats: int) -> dict:
 
 def _first_snapshot_over_socket(path: str, repeats: int) -> list[float]:
     """ListAndWatch opened by a client with the kubelet's 4 MiB limit -> first message decoded."""
-    ch = grpc.insecure_channel(f"unix://{path}", options=[("grpc.default_authority", "localhost")])
-    grpc.channel_ready_future(ch).result(timeout=30)
+    ch = harness.connect(path, receive_limit=None)
     stub = api_pb2_grpc.DevicePluginStub(ch)
     times = []
     for _ in range(repeats + 1):
@@ -488,10 +302,9 @@ def bench_scale(repeats: int) -> dict:
         # The daemon itself: start-up to the kubelet's first snapshot, a snapshot over the socket,
         # idle memory, and the Register round trip after a kubelet restart.
         startup = [startup_to_snapshot(count) for _ in range(max(2, repeats // 2))]
-        with registered_daemon(count) as (directory, daemon):
-            send = _first_snapshot_over_socket(os.path.join(directory, SOCKET), repeats)
-            settle(daemon.pid)
-            rss = procfs.rss_bytes(daemon.pid)
+        with harness.serving(daemon(count)) as server:
+            send = _first_snapshot_over_socket(server.socket(), repeats)
+            rss = idle_footprint(server)["rss"]
         recovery = recovery_trials(max(5, repeats), count)
         out[count] = {
             "snapshot_bytes": len(data),
@@ -566,28 +379,10 @@ def bench_scale(repeats: int) -> dict:
 # Main ------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "kernel": platform.release(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="+", choices=["all", "allocate", "startup", "recovery", "idle", "scale"])
-    workspace = os.environ.get("BUILD_WORKSPACE_DIRECTORY")
-    default_json = (
-        os.path.join(workspace, "bench", "results.json")
-        if workspace
-        else os.path.join(tempfile.gettempdir(), "token-resource-bench.json")
-    )
+    default_json = harness.default_json("results.json")
     parser.add_argument("--json", default=default_json, help=f"where to write the figures (default {default_json})")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--trials", type=int, default=100, help="kubelet restarts for recovery (default 100)")
@@ -598,7 +393,7 @@ def main() -> None:
     if os.path.exists(args.json):
         with open(args.json, encoding="utf-8") as f:
             results = json.load(f)
-    results["machine"] = machine()
+    results["machine"] = harness.machine()
     print(f"token-resource benchmarks on {results['machine']}")
     runners = {
         "allocate": lambda: bench_allocate(args.repeats),

@@ -19,22 +19,21 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-import grpc
+# Keep gRPC's C-core INFO lines ("Got goaway ...") out of the tables; inherited by the servers spawned.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import bench as base  # bench/bench.py, beside this file: the same statistics and tables
+import grpc
+import harness  # bench/harness.py: starting servers, statistics, tables
+from harness import percentile, summary
+
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from tests.daemon import short_tempdir
-from tests.fake_kubelet import FakeKubelet, Mode
-from tests.reliability import procfs
+from tests import procfs
 from token_resource import device_plugin, plugin_server, tokens
 from tokenresource.handoff.v1 import api_pb2 as handoff_pb2
 from tokenresource.handoff.v1 import api_pb2_grpc as handoff_pb2_grpc
@@ -51,10 +50,6 @@ RESOURCES = ("example.com/token", "example.com/token-b", "example.com/token-c")
 CALLS = 2000  # per case and repeat, after a warm-up of 200
 EXTRA_STREAMS = device_plugin.MAX_STREAMS - 1  # with the kubelet's own: the daemon's cap
 STARVED_TIMEOUT_S = 2.0
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
 
 
 def _allocate_one() -> api_pb2.AllocateRequest:
@@ -92,95 +87,51 @@ def footprint(pid: int) -> dict[str, int]:
 
 
 class Server:
-    """One server process of a design; `startup_s` from spawn to the first snapshot at the fake
-    kubelet for every resource (plugins) or to the first answered call (no-op)."""
+    """One server process of a design, with a channel to its (first resource's) socket;
+    `startup_s` from spawn to the first snapshot at the fake kubelet for every resource
+    (plugins) or to the first answered call (no-op)."""
 
-    def __init__(self, design: str, resources: int = 1, server_threads: int | None = None) -> None:
-        self.design = design
-        self.directory = short_tempdir("tr-tva-")
-        self.kubelet: FakeKubelet | None = None
-        self._log = open(os.path.join(self.directory, "log"), "wb")  # noqa: SIM115 (open while it runs)
-        args = [sys.executable, SCRIPTS[design]]
-        if design == "no-op":
-            self.sockets = {RESOURCES[0]: os.path.join(self.directory, "noop.sock")}
-            args += [f"--socket={self.sockets[RESOURCES[0]]}", f"--responses={_canned(self.directory)}"]
-        else:
-            self.kubelet = FakeKubelet(self.directory, Mode.E2)
-            self.kubelet.start()
-            args += [
-                f"--plugin_dir={self.directory}",
-                f"--config={_config(self.directory, resources)}",
-                "--logtostderr",
-            ]
-            if server_threads is not None:
-                args.append(f"--server_threads={server_threads}")
-        started = time.perf_counter()
-        self.process = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=self._log)
-        if self.kubelet is not None:
-            names = RESOURCES[:resources]
-            self.kubelet.wait_until(lambda k: all(_has_snapshot(k, r) for r in names), timeout=30)
-            self.startup_s = time.perf_counter() - started
-            self.sockets = {r: os.path.join(self.directory, self.kubelet.resources[r].endpoint) for r in names}
-            self.channel = base.connect(self.sockets[RESOURCES[0]])
-        else:
-            assert self.process.stdout is not None
-            if self.process.stdout.readline().strip() != b"serving":
-                raise RuntimeError("noop server did not start")
-            self.channel = base.connect(self.sockets[RESOURCES[0]])
-            api_pb2_grpc.DevicePluginStub(self.channel).GetDevicePluginOptions(api_pb2.Empty(), timeout=10)
-            self.startup_s = time.perf_counter() - started
+    def __init__(self, served: harness.Server) -> None:
+        self.pid = served.pid
+        self.startup_s = served.startup_s
+        self.socket = served.socket(RESOURCES[0])
+        self.channel = served.channels[0] if served.kubelet is None else served.connect(RESOURCES[0])
         self.stub = api_pb2_grpc.DevicePluginStub(self.channel)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def footprint(self) -> dict[str, int]:
-        base.settle(self.pid)
+        harness.settle(self.pid)
         return footprint(self.pid)
 
-    def stop(self) -> None:
-        self.channel.close()
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        self._log.close()
-        if self.kubelet is not None:
-            self.kubelet.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
+@contextlib.contextmanager
+def started(design: str, resources: int = 1, server_threads: int | None = None) -> Iterator[Server]:
+    """A server of `design` ("threads", "asyncio" or "no-op") run as `python <script>`, its log in
+    its directory; stopped afterwards."""
 
-def _has_snapshot(kubelet: FakeKubelet, resource: str) -> bool:
-    r = kubelet.resources.get(resource)
-    return r is not None and r.connected and bool(r.snapshots)
+    def start(directory: str) -> contextlib.AbstractContextManager[int]:
+        args = [sys.executable, SCRIPTS[design]]
+        if design == "no-op":
+            args += [f"--socket={os.path.join(directory, harness.NOOP_SOCKET)}", f"--responses={_canned(directory)}"]
+        else:
+            args += [f"--plugin_dir={directory}", f"--config={_config(directory, resources)}", "--logtostderr"]
+            if server_threads is not None:
+                args.append(f"--server_threads={server_threads}")
+        return harness.spawn(args, env=harness.python_env(), log=os.path.join(directory, "log"))
+
+    with harness.serving(start, RESOURCES[:resources], baseline=design == "no-op", timeout=30) as served:
+        yield Server(served)
 
 
 @contextlib.contextmanager
-def streams_open(server: Server, n: int) -> Iterator[None]:
-    """`n` more ListAndWatch streams (a second client), each past its first snapshot."""
-    channel = base.connect(server.sockets[RESOURCES[0]])
-    calls = [api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty()) for _ in range(n)]
-    for call in calls:
-        next(call)
-    try:
-        yield
-    finally:
-        for call in calls:
-            call.cancel()
-        channel.close()
-
-
-@contextlib.contextmanager
-def handoff_watches(server: Server, n: int) -> Iterator[None]:
-    """`n` Handoff.Watch streams (what an older instance opens on a newer one), each past its first state."""
-    channel = base.connect(server.sockets[RESOURCES[0]])
-    stub = handoff_pb2_grpc.HandoffStub(channel)
-    calls = [stub.Watch(handoff_pb2.WatchRequest(resource=RESOURCES[0])) for _ in range(n)]
+def streams_open(server: Server, n: int, handoff: bool = False) -> Iterator[None]:
+    """`n` more ListAndWatch streams (a second client), each past its first snapshot; or `n`
+    Handoff.Watch streams (what an older instance opens on a newer one), each past its first state."""
+    channel = harness.connect(server.socket)
+    if handoff:
+        watch = handoff_pb2_grpc.HandoffStub(channel).Watch
+        calls = [watch(handoff_pb2.WatchRequest(resource=RESOURCES[0])) for _ in range(n)]
+    else:
+        calls = [api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty()) for _ in range(n)]
     for call in calls:
         next(call)
     try:
@@ -193,8 +144,8 @@ def handoff_watches(server: Server, n: int) -> Iterator[None]:
 
 def sequential(server: Server, calls: int = CALLS) -> list[float]:
     request = _allocate_one()
-    base._latencies(server.stub.Allocate, request, 200)  # warm-up
-    return base._latencies(server.stub.Allocate, request, calls)
+    harness.latencies(server.stub.Allocate, request, 200)  # warm-up
+    return harness.latencies(server.stub.Allocate, request, calls)
 
 
 def concurrent(server: Server, callers: int, calls: int = CALLS, timeout: float = 30.0) -> dict:
@@ -207,7 +158,7 @@ def concurrent(server: Server, callers: int, calls: int = CALLS, timeout: float 
         if error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
             raise
         return {"latencies": [], "per_s": 0.0, "timeouts": calls, "starved": True}
-    base._latencies(server.stub.Allocate, request, 200)  # warm-up
+    harness.latencies(server.stub.Allocate, request, 200)  # warm-up
     latencies: list[float] = []
     timeouts = [0]
     lock = threading.Lock()
@@ -239,11 +190,6 @@ def concurrent(server: Server, callers: int, calls: int = CALLS, timeout: float 
     return {"latencies": latencies, "per_s": len(latencies) / elapsed, "timeouts": timeouts[0], "starved": False}
 
 
-def loadavg() -> float:
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return float(f.read().split()[0])
-
-
 def _ordered(items: tuple[str, ...], r: int) -> tuple[str, ...]:
     return items if r % 2 == 0 else items[::-1]
 
@@ -266,11 +212,11 @@ def bench_compare(repeats: int, loads: list[float]) -> dict:
         runs[design].setdefault(key, []).append(value)
 
     for r in range(repeats):
-        loads.append(loadavg())
-        servers: dict[str, Server] = {}
-        try:
+        loads.append(harness.loadavg())
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, Server] = {}
             for d in _ordered(designs, r):
-                servers[d] = Server(d)
+                servers[d] = stack.enter_context(started(d))
                 note(d, "startup_s", servers[d].startup_s)
             for d in _ordered(designs, r):
                 for key, value in servers[d].footprint().items():
@@ -289,31 +235,25 @@ def bench_compare(repeats: int, loads: list[float]) -> dict:
                         result = concurrent(s, 4 if case == "c4" else 16)
                         lat = result["latencies"]
                         note(d, f"{case}_per_s", result["per_s"])
-                    note(d, f"{case}_p50", base.percentile(lat, 50))
-                    note(d, f"{case}_p99", base.percentile(lat, 99))
+                    note(d, f"{case}_p50", percentile(lat, 50))
+                    note(d, f"{case}_p99", percentile(lat, 99))
             for d in designs:
                 for key, value in footprint(servers[d].pid).items():
                     note(d, f"loaded1_{key}", value)
-        finally:
-            for s in servers.values():
-                s.stop()
         for d in _ordered(PLUGINS, r):
-            s = Server(d, resources=3)
-            try:
+            with started(d, resources=3) as s:
                 note(d, "startup3_s", s.startup_s)
                 for key, value in s.footprint().items():
                     note(d, f"idle3_{key}", value)
-            finally:
-                s.stop()
         print(f"  repeat {r + 1}/{repeats} done (load {loads[-1]:.2f})", flush=True)
 
-    out = {d: {k: base.summary(v) for k, v in runs[d].items()} for d in designs}
+    out = {d: {k: summary(v) for k, v in runs[d].items()} for d in designs}
     rows = []
 
     def row(label: str, key: str, unit: str, scale: float, digits: int) -> None:
         cells = [label]
         for d in designs:
-            cells.append(base.fmt(out[d][key], unit, scale, digits) if key in out[d] else "-")
+            cells.append(harness.fmt(out[d][key], unit, scale, digits) if key in out[d] else "-")
         t, a = out["threads"][key]["median"], out["asyncio"][key]["median"]
         cells.append(f"{a / t:.2f}" if t else "-")
         rows.append(cells)
@@ -333,7 +273,7 @@ def bench_compare(repeats: int, loads: list[float]) -> dict:
         row(f"idle fds, {n} resource(s)", f"idle{n}_fds", "", 1, 0)
     row("after the load above: RSS, 1 resource", "loaded1_rss", "MiB", 2**-20, 1)
     row("after the load above: threads, 1 resource", "loaded1_threads", "", 1, 0)
-    base.table(
+    harness.table(
         f"Threads vs asyncio (median [min..max] of {repeats} repeats; {CALLS} calls per case and repeat)",
         ["figure", "threads (the daemon)", "asyncio (aio_plugin)", "no-op sync server", "asyncio / threads"],
         rows,
@@ -354,11 +294,10 @@ def bench_workers(repeats: int, loads: list[float]) -> dict:
     runs: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     probe: dict[str, str] = {}
     for r in range(repeats):
-        loads.append(loadavg())
+        loads.append(harness.loadavg())
         for v in _ordered(variants, r):
             design, _, workers = v.partition("/")
-            s = Server(design, server_threads=int(workers) if workers else None)
-            try:
+            with started(design, server_threads=int(workers) if workers else None) as s:
                 with streams_open(s, EXTRA_STREAMS):
                     result = concurrent(s, 16, CALLS // 2, timeout=10.0)
                     after = footprint(s.pid)
@@ -368,40 +307,38 @@ def bench_workers(repeats: int, loads: list[float]) -> dict:
                     runs[v].setdefault("starved", []).append(1)
                 else:
                     for q in (50, 99):
-                        runs[v].setdefault(f"p{q}", []).append(base.percentile(result["latencies"], q))
+                        runs[v].setdefault(f"p{q}", []).append(percentile(result["latencies"], q))
                     runs[v].setdefault("per_s", []).append(result["per_s"])
                 if r == 0 and v in ("threads/16", "asyncio"):
                     # Handoff.Watch is not counted against MAX_STREAMS: enough of them take every worker.
                     n = plugin_server.SERVER_THREADS - 1
-                    with handoff_watches(s, n):
+                    with streams_open(s, n, handoff=True):
                         try:
                             s.stub.Allocate(_allocate_one(), timeout=STARVED_TIMEOUT_S)
                             probe[v] = f"{n} Handoff.Watch streams + the kubelet's: Allocate answered"
                         except grpc.RpcError as error:
                             probe[v] = f"{n} Handoff.Watch streams + the kubelet's: Allocate {error.code().name}"
-            finally:
-                s.stop()
         print(f"  repeat {r + 1}/{repeats} done (load {loads[-1]:.2f})", flush=True)
     out: dict = {}
     rows = []
     for v in variants:
-        o = {k: base.summary(vals) for k, vals in runs[v].items()}
+        o = {k: summary(vals) for k, vals in runs[v].items()}
         out[v] = o
         if "p50" in o:
-            cells = [base.fmt(o["p50"]), base.fmt(o["p99"]), base.fmt(o["per_s"], "/s", 1, 0)]
+            cells = [harness.fmt(o["p50"]), harness.fmt(o["p99"]), harness.fmt(o["per_s"], "/s", 1, 0)]
         else:
             cells = [f"starved: DEADLINE_EXCEEDED after {STARVED_TIMEOUT_S:.0f} s"] + ["-"] * 2
         rows.append(
             [
                 v,
                 *cells,
-                base.fmt(o["threads"], "", 1, 0),
-                base.fmt(o["rss"], "MiB", 2**-20, 1),
-                base.fmt(o["fds"], "", 1, 0),
+                harness.fmt(o["threads"], "", 1, 0),
+                harness.fmt(o["rss"], "MiB", 2**-20, 1),
+                harness.fmt(o["fds"], "", 1, 0),
             ]
         )
     out["handoff_probe"] = probe
-    base.table(
+    harness.table(
         f"SERVER_THREADS with {device_plugin.MAX_STREAMS} ListAndWatch streams + 16 concurrent Allocate[1] callers "
         f"(median [min..max] of {repeats} repeats, {CALLS // 2} calls each)",
         ["design/workers", "p50", "p99", "calls/s", "threads after", "RSS after", "fds after"],
@@ -415,17 +352,12 @@ def bench_workers(repeats: int, loads: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", default="all", choices=["all", "compare", "workers"])
-    workspace = os.environ.get("BUILD_WORKSPACE_DIRECTORY")
-    default_json = (
-        os.path.join(workspace, "bench", "threads_vs_asyncio.json")
-        if workspace
-        else os.path.join(tempfile.gettempdir(), "threads-vs-asyncio.json")
-    )
+    default_json = harness.default_json("threads_vs_asyncio.json")
     parser.add_argument("--json", default=default_json, help=f"where to write the figures (default {default_json})")
     parser.add_argument("--repeats", type=int, default=5, help="repeats for compare (default 5; workers: 3)")
     args = parser.parse_args()
     chosen = ["compare", "workers"] if "all" in args.what else args.what
-    results: dict = {"machine": base.machine()}
+    results: dict = {"machine": harness.machine()}
     print(f"threads vs asyncio on {results['machine']}")
     runners: dict[str, Callable[[list[float]], dict]] = {
         "compare": lambda loads: bench_compare(args.repeats, loads),
@@ -436,10 +368,10 @@ def main() -> None:
         loads: list[float] = []
         t = time.monotonic()
         results[name] = runners[name](loads)
-        loads.append(loadavg())
+        loads.append(harness.loadavg())
         results[name]["elapsed_s"] = time.monotonic() - t
-        results[name]["loadavg_1m"] = base.summary(loads)
-        load = base.fmt(results[name]["loadavg_1m"], "", 1, 2)
+        results[name]["loadavg_1m"] = summary(loads)
+        load = harness.fmt(results[name]["loadavg_1m"], "", 1, 2)
         print(f"  {name}: {results[name]['elapsed_s']:.0f} s, 1-min load average {load}")
     results["elapsed_s"] = time.monotonic() - started
     with open(args.json, "w", encoding="utf-8") as f:

@@ -9,9 +9,9 @@ import threading
 
 import grpc
 
+from tests import procfs
 from tests.conftest import StartDaemon, StartKubelet
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
-from tests.reliability import procfs
 from tests.reliability.common import RESOURCE, allocate_request, channel, plugin_args, scaled, stub
 from token_resource import tokens
 

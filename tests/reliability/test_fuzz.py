@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests import procfs
 from tests.daemon import Daemon, short_tempdir
-from tests.reliability import procfs
 from tests.reliability.common import FULL, SOCKET, channel, plugin_args, ready, stub
 
 T = TypeVar("T")

@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests import procfs
 from tests.conftest import StartDaemon
 from tests.daemon import Daemon
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
-from tests.reliability import procfs
 from tests.reliability.common import (
     RESOURCE,
     SOCKET,

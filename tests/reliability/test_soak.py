@@ -4,9 +4,9 @@ must not grow by 2 MiB or more. CI makes 20,000 calls; TR_RELIABILITY=full makes
 import grpc
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
+from tests import procfs
 from tests.conftest import StartDaemon
 from tests.fake_kubelet import FakeKubelet, advertising
-from tests.reliability import procfs
 from tests.reliability.common import (
     RESOURCE,
     allocate_request,

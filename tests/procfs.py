@@ -1,6 +1,6 @@
 """What /proc says about a running process: resident memory, threads, open descriptors.
 
-Used by the reliability suite and the benchmarks to compare a daemon with itself over time
+Used by the reliability suite (tests/reliability) and the benchmarks (bench/) to compare a daemon with itself over time
 (or with a baseline server) without any help from inside the process.
 """
 
