@@ -10,15 +10,16 @@ its wheels, its .pyc files and its environment, with the DaemonSet's arguments
 - memory: in podman (runc; read-only root, no capabilities, no network, like
   tests/image/test_runtime.py), the daemon with 1 resource (the ConfigMap) and with 3, and the
   bare grpcio server (bench/noop_server.py run by the image's interpreter on the image's wheels,
-  without the image's MALLOC_ARENA_MAX), interleaved. Read once registered, /healthz, /readyz and
-  /metrics scraped once, RSS settled: /proc/<pid>/smaps_rollup (total, anonymous, file-backed),
-  the mappings by kind, threads, and the container's memory cgroup (usage, and its anonymous
-  part).
+  the default way: without the image's MALLOC_ARENA_MAX and PYTHONOPTIMIZE), interleaved. Read
+  once registered, /healthz, /readyz and /metrics scraped once, RSS settled:
+  /proc/<pid>/smaps_rollup (total, anonymous, file-backed), the mappings by kind, threads, and
+  the container's memory cgroup (usage, and its anonymous part).
 - start-up: the image's layers unpacked into a directory and its entrypoint run there (chroot,
   with /dev and /proc, as a container has them, without the container engine's own start-up):
   start -> the first ListAndWatch snapshot at the fake kubelet, beside `python3.11 -c "import
-  grpc"` run the same way, interleaved; the Bazel py_binary launcher (//token_resource) with the
-  same arguments, and plain flags (--count=2), for reference.
+  grpc"` run the same way but the default way (without PYTHONOPTIMIZE; with it, for reference),
+  interleaved; the Bazel py_binary launcher (//token_resource) with the same arguments, and
+  plain flags (--count=2), for reference.
 - imports: what each module the DaemonSet's flags load adds to RSS and to start-up, in the
   order the daemon loads them (python -X importtime's view, with memory), in the same directory.
 
@@ -67,8 +68,10 @@ IMPORT_STEPS = [
     ("inotify_simple (ctypes)", "inotify_simple"),
     ("yaml (--config)", "yaml"),
     ("http.server (--http_port)", "http.server"),
-    ("prometheus_client (--http_port)", "prometheus_client"),
-    ("token_resource's modules, Handoff and plugin-watcher APIs", "token_resource.supervisor token_resource.main"),
+    (
+        "token_resource's modules, Handoff API (and its own /metrics writer)",
+        "token_resource.supervisor token_resource.main",
+    ),
     ("token_resource.status (--http_port)", "token_resource.status"),
     ("kubeapi, drain (in a pod with a ServiceAccount token)", "token_resource.kubeapi token_resource.drain"),
 ]
@@ -358,6 +361,8 @@ def noop_memory(image: Image) -> dict:
     args = [
         "--unsetenv",
         "MALLOC_ARENA_MAX",
+        "--unsetenv",
+        "PYTHONOPTIMIZE",
         "--entrypoint",
         "/usr/bin/python3.11",
         "--volume",
@@ -465,9 +470,14 @@ def chroot_daemon_start(image: Image, args: list[str], names: list[str]) -> floa
                 os.unlink(os.path.join(plugin_dir, name))
 
 
-def chroot_python(image: Image, code: str) -> float:
+def chroot_python(image: Image, code: str, optimize: bool = False) -> float:
+    """`python3.11 -c code` in the unpacked image, in its environment but (unless `optimize`)
+    without its PYTHONOPTIMIZE: a baseline run the default way."""
+    env = image.chroot_env()
+    if not optimize:
+        env.pop("PYTHONOPTIMIZE", None)
     started = time.perf_counter()
-    subprocess.run(image.chroot(["/usr/bin/python3.11", "-c", code]), env=image.chroot_env(), check=True)
+    subprocess.run(image.chroot(["/usr/bin/python3.11", "-c", code]), env=env, check=True)
     return time.perf_counter() - started
 
 
@@ -504,6 +514,7 @@ def bench_startup(image: Image, repeats: int, launcher: str) -> dict:
     trials: dict[str, Callable[[], float]] = {
         "image": lambda: chroot_daemon_start(image, deployed, names),
         "import_grpc": lambda: chroot_python(image, "import grpc"),
+        "import_grpc_oo": lambda: chroot_python(image, "import grpc", optimize=True),
         "plain": lambda: chroot_daemon_start(image, ["--count=2", "--resource=example.com/token"], names),
         "launcher": lambda: launcher_start(launcher, [f"--config={host_config}", "--http_port=0"], names),
         "python": lambda: chroot_python(image, "pass"),
@@ -518,7 +529,8 @@ def bench_startup(image: Image, repeats: int, launcher: str) -> dict:
     base = s["import_grpc"]["median"]
     labels = {
         "image": "daemon as the image runs it (--config, --http_port): start -> first snapshot",
-        "import_grpc": 'baseline: python3.11 -c "import grpc", the same way',
+        "import_grpc": 'baseline: python3.11 -c "import grpc", the same way (without PYTHONOPTIMIZE)',
+        "import_grpc_oo": "reference: the same with the image's PYTHONOPTIMIZE=2",
         "plain": "the same, plain flags (--count=2, no --config or --http_port)",
         "launcher": "the same as the first, through the Bazel py_binary launcher",
         "python": 'reference: python3.11 -c "pass", the same way',

@@ -1,4 +1,6 @@
-"""token-resource: a Kubernetes device plugin that advertises N tokens of an extended resource.
+# Assigned rather than a docstring: absl's --help prints it as the usage text, and the image runs
+# with PYTHONOPTIMIZE=2 (-OO), which drops docstrings but keeps assignments.
+__doc__ = """token-resource: a Kubernetes device plugin that advertises N tokens of an extended resource.
 
 Usage: token_resource --count=2 --resource=example.com/token
        token_resource --config=/etc/token-resource/config.yaml
@@ -218,7 +220,7 @@ def main(argv: list[str]) -> int:
     if FLAGS.loglevel > logging.get_verbosity():
         logging.set_verbosity(FLAGS.loglevel)
     if FLAGS.http_port is not None:
-        metrics.enable()  # before anything is counted; without --http_port, prometheus_client is never loaded
+        metrics.enable()  # before anything is counted; without --http_port, nothing is
     try:
         plugins, source, text = _plugins()
         supervisor = Supervisor(

@@ -6,7 +6,7 @@ probe restarts the pod otherwise, which also re-mounts a directory re-created on
 holding its ListAndWatch stream, or handed to a newer instance), and the latest configuration
 reload was accepted. Both answer 200 "ok" or 503 with one line per problem.
 
-Imported only with --http_port: it brings http.server and prometheus_client.
+Imported only with --http_port: it brings http.server.
 """
 
 import http.server
@@ -16,7 +16,6 @@ import socket
 import threading
 from collections.abc import Callable
 
-import prometheus_client
 from absl import logging
 
 from token_resource import metrics
@@ -93,8 +92,7 @@ class StatusServer:
         if path == "/metrics":
             for name, status in self._statuses().items():
                 metrics.REGISTERED.labels(name).set(int(status.registered))
-            body = prometheus_client.generate_latest(self._registry)
-            self._send(request, 200, body, prometheus_client.CONTENT_TYPE_LATEST)
+            self._send(request, 200, self._registry.expose(), metrics.CONTENT_TYPE)
         elif path in ("/healthz", "/readyz"):
             problems = self.health_problems() if path == "/healthz" else self.readiness_problems()
             text = "\n".join(problems) if problems else "ok"

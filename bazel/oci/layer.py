@@ -9,7 +9,7 @@ Spec keys (all optional):
   contents: {"/etc/passwd": "text"}             small generated files (mode 0644)
   symlinks: {"/path": "target"}
   dirs:     ["/path"]                           empty directories (mode 0755)
-  compile:  ["/usr/lib/python3.11", "/app"]    every .py below these also gets a .pyc
+  compile:  ["/usr/lib/python3.11", "/app"]    every .py below these also gets a .pyc and an .opt-2.pyc
 
 Reproducible by construction: entries sorted by path, parents before children, uid/gid 0,
 mtime 0, no world-writable bits, hard links stored as copies, PAX headers only where a name
@@ -42,6 +42,9 @@ MERGED_USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 STATUS_DIR = "var/lib/dpkg/status.d"
 # The flags word of a PEP 552 .pyc: bit 0 = hash-based, bit 1 = check the source (off: unchecked).
 PYC_HASH_BASED_UNCHECKED = 0b01
+# The .pyc files written for each module: plain, and -OO's (no asserts, no docstrings), which the
+# image runs with (PYTHONOPTIMIZE=2). Python looks for the one of its own level only.
+PYC_LEVELS = ((0, ""), (2, ".opt-2"))
 
 # A spec's file or deb item -> the path to read it from.
 Resolve = Callable[[dict[str, Any]], str]
@@ -200,17 +203,36 @@ def compile_pyc(tree: Tree, prefixes: list[str]) -> None:
         raise OciError(f"layer: .pyc files for the image's Python 3.11 need Python 3.11 here, not {sys.version}")
     prefixes = [p.strip("/") + "/" for p in prefixes]
     for path in sorted(tree.entries):
-        entry = tree.entries[path]
-        if entry.kind != tarfile.REGTYPE or not path.endswith(".py") or not any(path.startswith(p) for p in prefixes):
+        if not path.endswith(".py") or not any(path.startswith(p) for p in prefixes):
             continue
-        try:
-            code = compile(entry.data, "/" + path, "exec", dont_inherit=True, optimize=0)
-        except SyntaxError:
-            continue  # e.g. lib2to3's test data: Python 2 files that are never imported
-        pyc = hash_based_pyc(entry.data, code)
+        source = regular_file(tree, path)
+        if source is None:
+            continue
         directory, name = posixpath.split(path)
-        target = f"{directory}/__pycache__/{name[:-3]}.{sys.implementation.cache_tag}.pyc"
-        tree.add(target, Entry(tarfile.REGTYPE, 0o644, pyc), "compile")
+        for optimize, suffix in PYC_LEVELS:
+            try:
+                code = compile(source, "/" + path, "exec", dont_inherit=True, optimize=optimize)
+            except SyntaxError:
+                break  # e.g. lib2to3's test data: Python 2 files that are never imported
+            target = f"{directory}/__pycache__/{name[:-3]}.{sys.implementation.cache_tag}{suffix}.pyc"
+            tree.add(target, Entry(tarfile.REGTYPE, 0o644, hash_based_pyc(source, code)), "compile")
+
+
+def regular_file(tree: Tree, path: str) -> bytes | None:
+    """The data of the regular file at `path`, following symbolic links within the layer (Debian's
+    /usr/lib/python3.11/sitecustomize.py -> /etc/python3.11/sitecustomize.py): Python finds the
+    .pyc next to the name it imported, not next to the link's target."""
+    for _ in range(8):
+        entry = tree.entries.get(path)
+        if entry is None or entry.kind == tarfile.REGTYPE:
+            return entry.data if entry is not None else None
+        if entry.kind != tarfile.SYMTYPE:
+            return None
+        link = entry.linkname
+        path = posixpath.normpath(
+            link.lstrip("/") if link.startswith("/") else posixpath.join(posixpath.dirname(path), link)
+        )
+    return None
 
 
 def build(spec: dict[str, Any], resolve: Resolve) -> Tree:

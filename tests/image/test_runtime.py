@@ -104,3 +104,40 @@ def test_registers_allocates_and_stops_cleanly(image_tag: str, container_name: s
 def test_version_flag(image_tag: str) -> None:
     result = podman("run", "--rm", *RUN_FLAGS, "--read-only", "--cap-drop=ALL", image_tag, "--version")
     assert result.stdout.startswith("token-resource ")
+
+
+def test_help_shows_the_usage(image_tag: str) -> None:
+    """The image runs with -OO (PYTHONOPTIMIZE=2), which drops docstrings: --help still has the usage."""
+    result = podman("run", "--rm", *RUN_FLAGS, "--read-only", "--cap-drop=ALL", image_tag, "--help", check=False)
+    assert "Usage: token_resource --count=2 --resource=example.com/token" in result.stdout, result.stdout
+
+
+# Imports what any of the daemon's flags loads, and prints the optimization level and every
+# loaded module whose .pyc of that level is not in the image (Python would compile it at every
+# start: the read-only root and PYTHONDONTWRITEBYTECODE keep it from writing one).
+BYTECODE_PROBE = """
+import os, sys
+import token_resource.main, token_resource.status, token_resource.plugin_watcher
+import token_resource.kubeapi, token_resource.drain, yaml
+print(sys.flags.optimize)
+for module in list(sys.modules.values()):
+    cached = getattr(getattr(module, "__spec__", None), "cached", None)
+    if cached and not os.path.exists(cached):
+        print(cached)
+"""
+
+
+def test_every_module_runs_from_shipped_bytecode(image_tag: str) -> None:
+    result = podman(
+        "run",
+        "--rm",
+        *RUN_FLAGS,
+        "--read-only",
+        "--cap-drop=ALL",
+        "--entrypoint",
+        "/usr/bin/python3.11",
+        image_tag,
+        "-c",
+        BYTECODE_PROBE,
+    )
+    assert result.stdout.split("\n", 1) == ["2", ""], result.stdout

@@ -69,6 +69,7 @@ def test_config(image: imagefs.ImageFS) -> None:
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["PYTHONPATH"] == "/app:/app/site-packages"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PYTHONOPTIMIZE"] == "2"  # runs the .opt-2.pyc files
     assert config["User"] == "0:0"
     labels = config["Labels"]
     assert labels["org.opencontainers.image.version"] == version()
@@ -102,6 +103,8 @@ def test_expected_files(image: imagefs.ImageFS) -> None:
     ]:
         assert image.file(path) is not None, path
     assert image.regular("etc/passwd")[1].startswith(b"root:x:0:0:")
+    # The daemon writes its /metrics itself: prometheus_client is a test-only dependency.
+    assert not any(p.startswith("app/site-packages/prometheus_client") for p in image.entries)
     info, _ = image.regular("usr/bin/python3.11")
     assert info.mode & stat.S_IXUSR
 
@@ -156,17 +159,20 @@ def test_ownership_modes_and_times(image: imagefs.ImageFS) -> None:
 
 
 def test_bytecode_is_hash_based_and_current(image: imagefs.ImageFS) -> None:
-    """Every module under /app has an unchecked hash-based .pyc for this Python (PEP 552)."""
+    """Every module under /app has unchecked hash-based .pyc files for this Python (PEP 552),
+    plain and -OO's (.opt-2.pyc, which the image's PYTHONOPTIMIZE=2 runs)."""
     sources = [p for p in image.entries if p.startswith("app/") and p.endswith(".py")]
     assert len(sources) > 100
     for path in sources:
         directory, name = path.rsplit("/", 1)
-        pyc = image.file(f"{directory}/__pycache__/{name[:-3]}.cpython-311.pyc")
-        assert pyc is not None, f"no .pyc for /{path}"
-        header = pyc[1][:16]
-        assert header[:4] == importlib.util.MAGIC_NUMBER
-        assert int.from_bytes(header[4:8], "little") == 0b01  # hash-based, unchecked
-        assert header[8:16] == importlib.util.source_hash(image.regular(path)[1])
+        for suffix in ("", ".opt-2"):
+            pyc = image.file(f"{directory}/__pycache__/{name[:-3]}.cpython-311{suffix}.pyc")
+            assert pyc is not None, f"no {suffix or '.pyc'} for /{path}"
+            header = pyc[1][:16]
+            assert header[:4] == importlib.util.MAGIC_NUMBER
+            assert int.from_bytes(header[4:8], "little") == 0b01  # hash-based, unchecked
+            assert header[8:16] == importlib.util.source_hash(image.regular(path)[1])
+    assert image.file("usr/lib/python3.11/__pycache__/os.cpython-311.opt-2.pyc") is not None
 
 
 def test_elf_files_match_arch_and_their_libraries_are_present(image: imagefs.ImageFS) -> None:
