@@ -25,8 +25,15 @@ K8S_DIR = pathlib.Path(os.path.abspath(__file__)).parent
 MANIFESTS = ("base/token-resource.yaml", "token-resource-test.yaml")
 # The kustomizations: k8s/ (every version; rolling updates without surge) and k8s/surge/ (1.22+:
 # the DaemonSet with maxSurge 1, maxUnavailable 0, patched onto base/ by surge/daemonset-surge.yaml).
-KUSTOMIZATIONS = ("kustomization.yaml", "base/kustomization.yaml", "surge/kustomization.yaml")
+KUSTOMIZATIONS = (
+    "kustomization.yaml",
+    "base/kustomization.yaml",
+    "surge/kustomization.yaml",
+    "plugin-watcher/kustomization.yaml",
+)
 SURGE_PATCH = "surge/daemonset-surge.yaml"
+# k8s/plugin-watcher/ (every version): registration through the kubelet's plugin watcher.
+WATCHER_PATCH = "plugin-watcher/daemonset-plugin-watcher.yaml"
 
 
 def load_documents(path: pathlib.Path) -> list[dict]:

@@ -1,5 +1,6 @@
 """`kubectl kustomize k8s/` renders what the plain manifest holds, hardened as the README says,
-and `kubectl kustomize k8s/surge` the same with surge updates.
+`kubectl kustomize k8s/surge` the same with surge updates, and `kubectl kustomize
+k8s/plugin-watcher` the same registering through the kubelet's plugin watcher.
 
 kubectl must be on PATH (tools/bazel installs Debian's kubernetes-client where none is). Its
 built-in kustomize renders the directory, so the kustomization is checked with the tool users run.
@@ -24,7 +25,7 @@ def k8s_copy(tmp_path_factory) -> pathlib.Path:
     assert KUBECTL, "kubectl is not on PATH: run tools/bazel once (it installs Debian's kubernetes-client)"
     # A plain copy: kustomize refuses files that are symlinks out of the directory (Bazel's runfiles).
     directory = tmp_path_factory.mktemp("k8s")
-    for name in (*manifests.KUSTOMIZATIONS, *manifests.MANIFESTS, manifests.SURGE_PATCH):
+    for name in (*manifests.KUSTOMIZATIONS, *manifests.MANIFESTS, manifests.SURGE_PATCH, manifests.WATCHER_PATCH):
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(manifests.K8S_DIR / name, directory / name)
     return directory
@@ -45,6 +46,11 @@ def rendered(k8s_copy) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def rendered_surge(k8s_copy) -> dict[str, dict]:
     return _kustomize(k8s_copy / "surge")
+
+
+@pytest.fixture(scope="module")
+def rendered_watcher(k8s_copy) -> dict[str, dict]:
+    return _kustomize(k8s_copy / "plugin-watcher")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,25 @@ def test_surge_variant_differs_only_in_the_update_strategy(rendered, rendered_su
     assert dict(daemonset["spec"], updateStrategy=None) == plain_spec
     # What //k8s:schemas_test validates is what kustomize renders.
     assert daemonset == manifests.surge_daemonset()
+
+
+def test_plugin_watcher_variant_adds_the_flag_and_the_registry_only(rendered, rendered_watcher):
+    for plain, watcher in zip(rendered["_all"], rendered_watcher["_all"], strict=True):
+        if plain["kind"] != "DaemonSet":
+            assert watcher == plain
+    [plain_container] = rendered["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    pod = rendered_watcher["DaemonSet"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["args"] == [*plain_container["args"], "--registration=plugin_watcher"]
+    # Mounted at the host's path: the kubelet dials the socket by the path it found it at.
+    mount = {"name": "plugins-registry", "mountPath": "/var/lib/kubelet/plugins_registry"}
+    assert mount in container["volumeMounts"]
+    assert {
+        "name": "plugins-registry",
+        "hostPath": {"path": "/var/lib/kubelet/plugins_registry", "type": "Directory"},
+    } in pod["volumes"]
+    for version in (manifests.OLDEST, manifests.NEWEST):  # every version has the plugin watcher
+        manifests.validate(rendered_watcher["DaemonSet"], version)
 
 
 def test_namespace_is_labelled_privileged_for_the_hostpath(rendered):

@@ -20,7 +20,12 @@ def _daemonset() -> dict:
 
 def test_every_manifest_file_is_covered() -> None:
     yaml_files = {str(path.relative_to(manifests.K8S_DIR)) for path in manifests.K8S_DIR.glob("**/*.yaml")}
-    assert yaml_files == {*manifests.MANIFESTS, *manifests.KUSTOMIZATIONS, manifests.SURGE_PATCH}
+    assert yaml_files == {
+        *manifests.MANIFESTS,
+        *manifests.KUSTOMIZATIONS,
+        manifests.SURGE_PATCH,
+        manifests.WATCHER_PATCH,
+    }
     assert {doc["kind"] for _, doc in DOCUMENTS} == {
         "Namespace",
         "ServiceAccount",
