@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,8 @@ PLUGIN_SELECTOR = "app.kubernetes.io/name=token-resource"
 TEST_SELECTOR = "app.kubernetes.io/name=token-resource-test"
 DEFAULT_IMAGE = "token-resource:latest"
 DEFAULT_WORKLOAD_IMAGE = "registry.k8s.io/pause:3.2"
+# What the daemon logs when it notices the kubelet go (lifecycle.py).
+LOSS_SIGNS = r"ListAndWatch stream ended|plugin socket removed|kubelet\.sock created|plugin watcher found"
 
 
 def _absl_time(line: str) -> float | None:
@@ -96,7 +99,7 @@ class Acceptance:
         nodes = self.kubectl.json("get", "nodes")["items"]
         return {
             n["metadata"]["name"]: next(
-                c["lastHeartbeatTime"] for c in n["status"]["conditions"] if c["type"] == "Ready"
+                (c["lastHeartbeatTime"] for c in n["status"]["conditions"] if c["type"] == "Ready"), "none"
             )
             for n in nodes
             if n["metadata"]["name"] in self.nodes
@@ -143,9 +146,9 @@ class Acceptance:
     def step_install(self) -> None:
         start = time.monotonic()
         if self.args.image == DEFAULT_IMAGE:
-            self.kubectl.run("apply", "-k", str(self.args.manifests))
+            self.kubectl.run("apply", "-k", str(self.args.install or self.args.manifests))
         else:
-            rendered = self.kubectl.run("kustomize", str(self.args.manifests))
+            rendered = self.kubectl.run("kustomize", str(self.args.install or self.args.manifests))
             self.apply_rendered(rendered, DEFAULT_IMAGE, self.args.image)
         self.mark("kubectl apply -k k8s/ done", time.monotonic() - start)
 
@@ -293,17 +296,23 @@ class Acceptance:
     def report_reregistration(self, node: str) -> None:
         """Adds the daemon's own view to the timeline: from noticing the kubelet go to registering
         with the new one (this includes the kubelet's start-up until kubelet.sock exists)."""
-        [pod] = [p for p in self.pods(PLUGIN_SELECTOR) if p["spec"].get("nodeName") == node]
-        log = self.kubectl.run("logs", "-n", NAMESPACE, pod["metadata"]["name"]).splitlines()
+        pods = [p for p in self.pods(PLUGIN_SELECTOR) if p["spec"].get("nodeName") == node]
+        if len(pods) != 1:
+            raise CheckFailedError(f"{node}: expected one plugin pod, found {[p['metadata']['name'] for p in pods]}")
+        log = self.kubectl.run("logs", "-n", NAMESPACE, pods[0]["metadata"]["name"]).splitlines()
         read = [(_absl_time(line), line) for line in log]
         stamped = [(t, line) for t, line in read if t is not None]
         opened = [i for i, (_, line) in enumerate(stamped) if "kubelet opened ListAndWatch" in line]
         registered = [i for i, (_, line) in enumerate(stamped) if "registered with the kubelet" in line]
         if len(opened) < 2 or len(registered) < 2:
             raise CheckFailedError(f"{node}: the plugin's log shows no second registration:\n" + "\n".join(log[-20:]))
-        first_loss = next(
-            t for t, line in stamped[opened[-2] + 1 :] if re.search(r"kubelet restart|kubelet gone", line)
-        )
+        # The first sign of the kubelet going that the daemon logs, whichever comes first: its stream
+        # ending, its socket deleted, a new kubelet.sock (kubelet.sock mode), or a new GetInfo.
+        first_loss = next((t for t, line in stamped[opened[-2] + 1 :] if re.search(LOSS_SIGNS, line)), None)
+        if first_loss is None:
+            raise CheckFailedError(
+                f"{node}: the plugin's log shows no sign of the kubelet going:\n" + "\n".join(log[-20:])
+            )
         self.mark(
             f"{node}: daemon saw the kubelet go, registered again {stamped[registered[-1]][0] - first_loss:.1f}s "
             f"later, ListAndWatch open after {stamped[opened[-1]][0] - first_loss:.1f}s",
@@ -418,6 +427,11 @@ class Acceptance:
                 failed = title
                 print(f"FAILED: {title}: {error}", flush=True)
                 break
+            except Exception:  # a harness bug: still print the timeline and the diagnostics
+                failed = title
+                print(f"FAILED: {title}: the harness itself raised:", flush=True)
+                traceback.print_exc()
+                break
             self.passed.append(title)
             print(f"ok: {title}", flush=True)
         print("\n== timeline (seconds from the start of each step)")
@@ -442,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: $KUBECONFIG")
     parser.add_argument("--kubectl", default="kubectl")
     parser.add_argument("--manifests", type=pathlib.Path, default=REPO / "k8s", help="the k8s/ directory")
+    parser.add_argument(
+        "--install",
+        type=pathlib.Path,
+        help="the kustomization to install (default: --manifests), e.g. k8s/plugin-watcher",
+    )
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"plugin image (default: {DEFAULT_IMAGE}, as in k8s/)")
     parser.add_argument("--workload_image", default=DEFAULT_WORKLOAD_IMAGE, help="test Deployment's image")
     parser.add_argument("--busybox_image", default="busybox:1.36", help="image with sh for the environment check")
