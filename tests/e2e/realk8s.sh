@@ -6,7 +6,7 @@
 #
 #   tests/e2e/realk8s.sh                         # what .ci/run does: acceptance, then disruptions at CI size
 #   tests/e2e/realk8s.sh --keep                  # leave the cluster running afterwards
-#   tests/e2e/realk8s.sh --disruptions full      # 10 repeats of each disruption (about an hour)
+#   tests/e2e/realk8s.sh --disruptions full      # 10 repeats of each disruption (about 45 minutes)
 #   tests/e2e/realk8s.sh --disruptions off       # the acceptance test only
 #   tests/e2e/realk8s.sh --acceptance off        # the disruption suite only
 #   tests/e2e/realk8s.sh --image_tar /tmp/x.tar  # an image built before (docker-archive or OCI), not Bazel's
