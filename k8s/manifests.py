@@ -10,8 +10,8 @@ import os
 import pathlib
 import re
 
-import jsonschema  # type: ignore[import-untyped]  # no stubs: types-jsonschema is not in the lock
-import kubernetes_validate  # type: ignore[import-untyped]  # ships no type hints
+import jsonschema
+import kubernetes_validate
 import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012

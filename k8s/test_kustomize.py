@@ -21,7 +21,7 @@ KUBECTL = shutil.which("kubectl")
 
 
 @pytest.fixture(scope="module")
-def k8s_copy(tmp_path_factory) -> pathlib.Path:
+def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     assert KUBECTL, "kubectl is not on PATH: run tools/bazel once (it installs Debian's kubernetes-client)"
     # A plain copy: kustomize refuses files that are symlinks out of the directory (Bazel's runfiles).
     directory = tmp_path_factory.mktemp("k8s")
@@ -32,6 +32,7 @@ def k8s_copy(tmp_path_factory) -> pathlib.Path:
 
 
 def _kustomize(directory: pathlib.Path) -> dict[str, dict]:
+    assert KUBECTL, "kubectl is not on PATH"
     output = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=False)
     assert output.returncode == 0, output.stderr
     documents = [doc for doc in yaml.safe_load_all(output.stdout) if doc]
@@ -39,32 +40,32 @@ def _kustomize(directory: pathlib.Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def rendered(k8s_copy) -> dict[str, dict]:
+def rendered(k8s_copy: pathlib.Path) -> dict[str, dict]:
     return _kustomize(k8s_copy)
 
 
 @pytest.fixture(scope="module")
-def rendered_surge(k8s_copy) -> dict[str, dict]:
+def rendered_surge(k8s_copy: pathlib.Path) -> dict[str, dict]:
     return _kustomize(k8s_copy / "surge")
 
 
 @pytest.fixture(scope="module")
-def rendered_watcher(k8s_copy) -> dict[str, dict]:
+def rendered_watcher(k8s_copy: pathlib.Path) -> dict[str, dict]:
     return _kustomize(k8s_copy / "plugin-watcher")
 
 
 @pytest.fixture(scope="module")
-def pod(rendered) -> dict:
+def pod(rendered: dict[str, dict]) -> dict:
     return rendered["DaemonSet"]["spec"]["template"]["spec"]
 
 
 @pytest.fixture(scope="module")
-def container(pod) -> dict:
+def container(pod: dict) -> dict:
     [container] = pod["containers"]
     return container
 
 
-def test_kustomize_installs_exactly_the_plain_manifest(rendered):
+def test_kustomize_installs_exactly_the_plain_manifest(rendered: dict[str, dict]) -> None:
     plain = manifests.load_documents(manifests.K8S_DIR / manifests.MANIFESTS[0])
     key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
     assert sorted(rendered["_all"], key=key) == sorted(plain, key=key)
@@ -83,7 +84,9 @@ def test_kustomize_installs_exactly_the_plain_manifest(rendered):
             assert doc["metadata"]["namespace"] == "token-resource"
 
 
-def test_surge_variant_differs_only_in_the_update_strategy(rendered, rendered_surge):
+def test_surge_variant_differs_only_in_the_update_strategy(
+    rendered: dict[str, dict], rendered_surge: dict[str, dict]
+) -> None:
     assert [doc["kind"] for doc in rendered_surge["_all"]] == [doc["kind"] for doc in rendered["_all"]]
     for plain, surge in zip(rendered["_all"], rendered_surge["_all"], strict=True):
         if plain["kind"] != "DaemonSet":
@@ -99,7 +102,9 @@ def test_surge_variant_differs_only_in_the_update_strategy(rendered, rendered_su
     assert daemonset == manifests.surge_daemonset()
 
 
-def test_plugin_watcher_variant_adds_the_flag_and_the_registry_only(rendered, rendered_watcher):
+def test_plugin_watcher_variant_adds_the_flag_and_the_registry_only(
+    rendered: dict[str, dict], rendered_watcher: dict[str, dict]
+) -> None:
     for plain, watcher in zip(rendered["_all"], rendered_watcher["_all"], strict=True):
         if plain["kind"] != "DaemonSet":
             assert watcher == plain
@@ -118,13 +123,13 @@ def test_plugin_watcher_variant_adds_the_flag_and_the_registry_only(rendered, re
         manifests.validate(rendered_watcher["DaemonSet"], version)
 
 
-def test_namespace_is_labelled_privileged_for_the_hostpath(rendered):
+def test_namespace_is_labelled_privileged_for_the_hostpath(rendered: dict[str, dict]) -> None:
     labels = rendered["Namespace"]["metadata"]["labels"]
     for mode in ("enforce", "audit", "warn"):
         assert labels[f"pod-security.kubernetes.io/{mode}"] == "privileged"
 
 
-def test_container_security_context(container, pod):
+def test_container_security_context(container: dict, pod: dict) -> None:
     context = container["securityContext"]
     assert context["privileged"] is False
     assert context["allowPrivilegeEscalation"] is False
@@ -137,7 +142,7 @@ def test_container_security_context(container, pod):
         assert pod.get(host_namespace, False) is False
 
 
-def test_only_the_device_plugin_directory_comes_from_the_host(pod, container):
+def test_only_the_device_plugin_directory_comes_from_the_host(pod: dict, container: dict) -> None:
     host_paths = [volume for volume in pod["volumes"] if "hostPath" in volume]
     assert host_paths == [
         {"name": "device-plugins", "hostPath": {"path": "/var/lib/kubelet/device-plugins", "type": "Directory"}}
@@ -152,7 +157,9 @@ def test_only_the_device_plugin_directory_comes_from_the_host(pod, container):
             assert "subPath" not in mounts[volume["name"]]
 
 
-def test_api_token_only_in_the_plugin_pod_with_the_drains_rules(rendered, pod, container):
+def test_api_token_only_in_the_plugin_pod_with_the_drains_rules(
+    rendered: dict[str, dict], pod: dict, container: dict
+) -> None:
     # The plugin pod mounts a token (the drain patches its node's status on SIGTERM); other pods
     # of the ServiceAccount (the test Deployment) do not, since the ServiceAccount says no.
     assert pod["automountServiceAccountToken"] is True
@@ -189,19 +196,19 @@ def test_api_token_only_in_the_plugin_pod_with_the_drains_rules(rendered, pod, c
     assert env["NODE_NAME"] == "spec.nodeName"
 
 
-def test_grace_period_leaves_room_for_the_drain(pod):
+def test_grace_period_leaves_room_for_the_drain(pod: dict) -> None:
     # The drain takes up to about 10 s; the kubelet sends SIGKILL after the grace period.
     assert pod["terminationGracePeriodSeconds"] >= 20
 
 
-def test_scheduling_every_linux_node_first(pod):
+def test_scheduling_every_linux_node_first(pod: dict) -> None:
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     tolerated = {(t.get("key"), t["operator"], t.get("effect")) for t in pod["tolerations"]}
     assert {(None, "Exists", "NoSchedule"), (None, "Exists", "NoExecute")} <= tolerated
 
 
-def test_rolling_update_never_surges(rendered):
+def test_rolling_update_never_surges(rendered: dict[str, dict]) -> None:
     strategy = rendered["DaemonSet"]["spec"]["updateStrategy"]
     assert strategy["type"] == "RollingUpdate"
     assert strategy["rollingUpdate"]["maxUnavailable"] == 1
@@ -210,11 +217,13 @@ def test_rolling_update_never_surges(rendered):
 
 
 def _mebibytes(quantity: str) -> float:
-    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", quantity)
+    assert match, quantity
+    number, unit = match.groups()
     return int(number) * (1024 if unit == "Gi" else 1)
 
 
-def test_resources_leave_room_above_the_measured_rss(container):
+def test_resources_leave_room_above_the_measured_rss(container: dict) -> None:
     resources = container["resources"]
     assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
     # The daemon idles at 45 MiB VmRSS, 25 MiB cgroup usage (comment in base/token-resource.yaml);
@@ -223,12 +232,12 @@ def test_resources_leave_room_above_the_measured_rss(container):
     assert _mebibytes(resources["limits"]["memory"]) >= 2 * _mebibytes(resources["requests"]["memory"])
 
 
-def test_image_is_the_one_bazel_loads(container):
+def test_image_is_the_one_bazel_loads(container: dict) -> None:
     assert container["image"] == "token-resource:latest"
     assert container["imagePullPolicy"] == "IfNotPresent"
 
 
-def test_probes_use_the_daemons_http_endpoint(container):
+def test_probes_use_the_daemons_http_endpoint(container: dict) -> None:
     args = container["args"]
     [port] = [int(arg.split("=", 1)[1]) for arg in args if arg.startswith("--http_port=")]
     [named] = container["ports"]
@@ -248,7 +257,7 @@ def test_probes_use_the_daemons_http_endpoint(container):
     assert env == {"NODE_NAME": "spec.nodeName", "POD_IP": "status.podIP"}
 
 
-def _config(rendered) -> tuple[str, str]:
+def _config(rendered: dict[str, dict]) -> tuple[str, str]:
     [arg] = [a for a in rendered["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]["args"] if "--config" in a]
     path = pathlib.PurePosixPath(arg.split("=", 1)[1])
     pod = rendered["DaemonSet"]["spec"]["template"]["spec"]
@@ -259,7 +268,7 @@ def _config(rendered) -> tuple[str, str]:
     return configmap["data"][path.name], str(path)
 
 
-def test_configmap_holds_a_config_the_daemon_accepts(rendered):
+def test_configmap_holds_a_config_the_daemon_accepts(rendered: dict[str, dict]) -> None:
     text, _ = _config(rendered)
     [plugin] = config.parse_config(text, config.Placement(), "any-node")
     assert (plugin.resource, plugin.count) == ("example.com/token", 2)
@@ -269,7 +278,7 @@ def test_configmap_holds_a_config_the_daemon_accepts(rendered):
     assert plugin.socket == config.default_socket(plugin.resource)
 
 
-def test_the_commented_examples_work_when_uncommented(rendered):
+def test_the_commented_examples_work_when_uncommented(rendered: dict[str, dict]) -> None:
     text, _ = _config(rendered)
     # Comment lines that are YAML (`key: value`, `- key: value`, `key:`), not prose.
     example = re.sub(r"(?m)^(\s*)# ( *(?:- )?[\w./-]+:(?: \S+)?)$", r"\1\2", text)
@@ -285,7 +294,7 @@ def test_the_commented_examples_work_when_uncommented(rendered):
     }
 
 
-def test_the_test_deployment_asks_for_one_token_of_the_configured_resource(rendered):
+def test_the_test_deployment_asks_for_one_token_of_the_configured_resource(rendered: dict[str, dict]) -> None:
     [deployment] = manifests.load_documents(manifests.K8S_DIR / "token-resource-test.yaml")
     text, _ = _config(rendered)
     [plugin] = config.parse_config(text, config.Placement(), None)

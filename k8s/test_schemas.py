@@ -4,7 +4,7 @@ and the schemas used are strict and really of those versions."""
 import copy
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]  # no stubs: types-jsonschema is not in the lock
+import jsonschema
 import pytest
 
 from k8s import manifests
