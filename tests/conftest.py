@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import pytest
 
 from tests.daemon import Daemon, short_tempdir
-from tests.fake_kubelet import STOP_GRACE_PERIOD_S, FakeKubelet, Mode
+from tests.fake_kubelet import STOP_GRACE_PERIOD_S, FakeKubelet, Mode, WatcherTiming
 
 
 class StartKubelet(Protocol):
@@ -22,6 +22,8 @@ class StartKubelet(Protocol):
         e1_dial: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         grace_period: float = STOP_GRACE_PERIOD_S,
+        registry_dir: str | None = None,
+        watcher: WatcherTiming = ...,
     ) -> FakeKubelet: ...
 
 
