@@ -104,8 +104,16 @@ bash "$realk8s/load-image.sh" "$pause_tar" "$workload_image" >/dev/null
 rm -rf "$(dirname "$pause_tar")"
 
 if [[ "$acceptance" == on ]]; then
-  log "running the acceptance test"
+  log "running the acceptance test (registration on kubelet.sock: k8s/)"
   python3 tests/e2e/acceptance.py \
+    --busybox_image=localhost/busybox:local \
+    --restart_kubelet="bash '$realk8s/restart-kubelet.sh'" \
+    "$@"
+  # The ConfigMap step is the same in both modes: run it once, above.
+  log "running the acceptance test (registration through the plugin watcher: k8s/plugin-watcher/)"
+  python3 tests/e2e/acceptance.py \
+    --install=k8s/plugin-watcher \
+    --skip_reconfigure \
     --busybox_image=localhost/busybox:local \
     --restart_kubelet="bash '$realk8s/restart-kubelet.sh'" \
     "$@"
