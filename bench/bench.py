@@ -382,7 +382,7 @@ def bench_scale(repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="+", choices=["all", "allocate", "startup", "recovery", "idle", "scale"])
-    default_json = harness.default_json("results.json")
+    default_json = harness.default_json("results.json", "token-resource-bench.json")
     parser.add_argument("--json", default=default_json, help=f"where to write the figures (default {default_json})")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--trials", type=int, default=100, help="kubelet restarts for recovery (default 100)")

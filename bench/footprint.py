@@ -33,21 +33,18 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import grpc
+import harness  # bench/harness.py: starting servers, statistics, tables
+from harness import fmt, loadavg_text, summary, table
 
-from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.daemon import binary_path, short_tempdir
-from tests.fake_kubelet import FakeKubelet, Mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PODMAN = ["podman", "--runtime", "runc"]
@@ -96,30 +93,6 @@ for name, modules in json.loads(sys.argv[1]):
     last = now
 print(json.dumps(out))
 """
-
-
-# Statistics and tables -----------------------------------------------------------------------
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
-def fmt(s: dict, scale: float = 1.0, digits: int = 1) -> str:
-    return f"{s['median'] * scale:.{digits}f} [{s['min'] * scale:.{digits}f}..{s['max'] * scale:.{digits}f}]"
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n## {title}")
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-    sys.stdout.flush()
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return " ".join(f.read().split()[:3])
 
 
 # The image -----------------------------------------------------------------------------------
@@ -270,25 +243,6 @@ def cgroup_memory(pid: int) -> dict[str, int]:
     return out
 
 
-def settle(pid: int, timeout: float = 6.0) -> None:
-    """Until RSS stops moving (three equal readings 100 ms apart) or `timeout`."""
-    deadline, last, same = time.monotonic() + timeout, -1, 0
-    while time.monotonic() < deadline and same < 3:
-        value = rollup(pid)["Rss"]
-        same = same + 1 if value == last else 0
-        last = value
-        time.sleep(0.1)
-
-
-def served(names: list[str]) -> Callable[[FakeKubelet], bool]:
-    def check(kubelet: FakeKubelet) -> bool:
-        return all(
-            n in kubelet.resources and kubelet.resources[n].connected and kubelet.resources[n].snapshots for n in names
-        )
-
-    return check
-
-
 def resources(count: int) -> list[str]:
     return re.findall(r"name: (\S+)", CONFIGS[count])
 
@@ -301,11 +255,12 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def container(image: Image, args: list[str]) -> Iterator[tuple[str, int]]:
-    name = f"tr-footprint-{os.getpid()}-{time.monotonic_ns()}"
+def container(name: str, args: list[str]) -> Iterator[int]:
+    """A detached container `name` (podman run `args`, read-only, no capabilities) and its pid;
+    removed afterwards."""
     podman("run", "--detach", "--name", name, *RUN_FLAGS, "--read-only", "--cap-drop=ALL", *args)
     try:
-        yield name, int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+        yield int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
     finally:
         podman("rm", "--force", "--time", "20", name, check=False)
 
@@ -321,7 +276,7 @@ for path in ("/healthz", "/readyz", "/metrics"):
 
 
 def measure(pid: int) -> dict:
-    settle(pid)
+    harness.settle(pid, timeout=6.0, read=lambda p: rollup(p)["Rss"])
     figures: dict = rollup(pid)
     figures["mappings"] = mappings(pid)
     figures["cgroup"] = cgroup_memory(pid)
@@ -329,12 +284,12 @@ def measure(pid: int) -> dict:
 
 
 def daemon_memory(image: Image, count: int) -> dict:
-    plugin_dir, config_dir = short_tempdir("tr-fp-"), short_tempdir("tr-fpc-")
+    config_dir = short_tempdir("tr-fpc-")
     with open(os.path.join(config_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(CONFIGS[count])
-    kubelet = FakeKubelet(plugin_dir, Mode.E2)
-    kubelet.start()
-    try:
+    name = f"tr-footprint-{os.getpid()}-{time.monotonic_ns()}"
+
+    def start(plugin_dir: str) -> contextlib.AbstractContextManager[int]:
         volumes = [
             "--volume",
             f"{plugin_dir}:/var/lib/kubelet/device-plugins",
@@ -344,47 +299,41 @@ def daemon_memory(image: Image, count: int) -> dict:
             f"{image.service_account}:{SERVICE_ACCOUNT_DIR}:ro",
             *(f"--env={k}={v}" for k, v in POD_ENV.items()),
         ]
-        with container(image, [*volumes, image.tag, *DAEMONSET_ARGS]) as (name, pid):
-            kubelet.wait_until(served(resources(count)), timeout=60)
+        return container(name, [*volumes, image.tag, *DAEMONSET_ARGS])
+
+    try:
+        with harness.serving(start, resources(count)) as server:
             # The probes and one Prometheus scrape, from inside the container (it has no network).
             podman("exec", name, "/usr/bin/python3.11", "-c", SCRAPE)
-            return measure(pid)
+            return measure(server.pid)
     finally:
-        kubelet.stop()
-        shutil.rmtree(plugin_dir, ignore_errors=True)
         shutil.rmtree(config_dir, ignore_errors=True)
 
 
 def noop_memory(image: Image) -> dict:
-    directory = short_tempdir("tr-fpn-")
     script = os.path.join(ROOT, "bench", "noop_server.py")
-    args = [
-        "--unsetenv",
-        "MALLOC_ARENA_MAX",
-        "--unsetenv",
-        "PYTHONOPTIMIZE",
-        "--entrypoint",
-        "/usr/bin/python3.11",
-        "--volume",
-        f"{script}:/bench/noop_server.py:ro",
-        "--volume",
-        f"{directory}:/run/noop",
-        image.tag,
-        "/bench/noop_server.py",
-        "--socket=/run/noop/noop.sock",
-    ]
-    try:
-        with container(image, args) as (_, pid):
-            channel = grpc.insecure_channel(
-                f"unix://{directory}/noop.sock", options=[("grpc.default_authority", "localhost")]
-            )
-            grpc.channel_ready_future(channel).result(timeout=60)
-            api_pb2_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api_pb2.Empty(), timeout=10)
-            figures = measure(pid)
-            channel.close()
-            return figures
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    name = f"tr-footprint-{os.getpid()}-{time.monotonic_ns()}"
+
+    def start(directory: str) -> contextlib.AbstractContextManager[int]:
+        args = [
+            "--unsetenv",
+            "MALLOC_ARENA_MAX",
+            "--unsetenv",
+            "PYTHONOPTIMIZE",
+            "--entrypoint",
+            "/usr/bin/python3.11",
+            "--volume",
+            f"{script}:/bench/noop_server.py:ro",
+            "--volume",
+            f"{directory}:/run/noop",
+            image.tag,
+            "/bench/noop_server.py",
+            f"--socket=/run/noop/{harness.NOOP_SOCKET}",
+        ]
+        return container(name, args)
+
+    with harness.serving(start, baseline=True) as server:  # one call answered, its channel open
+        return measure(server.pid)
 
 
 def bench_memory(image: Image, repeats: int) -> dict:
@@ -410,15 +359,15 @@ def bench_memory(image: Image, repeats: int) -> dict:
         rows.append(
             [
                 label,
-                fmt(s["daemon1"], scale, digits),
-                fmt(s["noop"], scale, digits),
+                fmt(s["daemon1"], "", scale, digits),
+                fmt(s["noop"], "", scale, digits),
                 f"{s['daemon1']['median'] / s['noop']['median']:.2f}",
-                fmt(s["daemon3"], scale, digits),
+                fmt(s["daemon3"], "", scale, digits),
                 f"{s['daemon3']['median'] / s['noop']['median']:.2f}",
             ]
         )
     table(
-        f"Idle memory in podman, MiB (median [min..max] of {repeats}; loadavg {loadavg()})",
+        f"Idle memory in podman, MiB (median [min..max] of {repeats}; loadavg {loadavg_text()})",
         ["figure", "daemon, 1 resource", "bare grpcio server", "ratio", "daemon, 3 resources", "ratio"],
         rows,
     )
@@ -447,24 +396,13 @@ def bench_memory(image: Image, repeats: int) -> dict:
 
 def chroot_daemon_start(image: Image, args: list[str], names: list[str]) -> float:
     plugin_dir = os.path.join(image.root, "dp")
-    kubelet = FakeKubelet(plugin_dir, Mode.E2)
-    kubelet.start()
+    command = image.chroot([*image.entrypoint, "--plugin_dir=/dp", *args])
     try:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            image.chroot([*image.entrypoint, "--plugin_dir=/dp", *args]),
-            env=image.chroot_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            kubelet.wait_until(served(names), timeout=60)
-            return time.perf_counter() - started
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
+        with harness.serving(
+            lambda _: harness.spawn(command, env=image.chroot_env()), names, directory=plugin_dir
+        ) as ran:
+            return ran.startup_s
     finally:
-        kubelet.stop()
         for name in os.listdir(plugin_dir):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(plugin_dir, name))
@@ -482,27 +420,12 @@ def chroot_python(image: Image, code: str, optimize: bool = False) -> float:
 
 
 def launcher_start(binary: str, args: list[str], names: list[str]) -> float:
-    directory = short_tempdir("tr-fpl-")
-    kubelet = FakeKubelet(directory, Mode.E2)
-    kubelet.start()
     # Run as a script by the launcher, main.py's directory comes first on sys.path, where
     # token_resource/handoff.py shadows the generated `handoff` package and the daemon cannot
     # start; PYTHONSAFEPATH (3.11) keeps that directory off sys.path and costs nothing.
     env = dict(os.environ, PYTHONSAFEPATH="1")
-    try:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [binary, f"--plugin_dir={directory}", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            kubelet.wait_until(served(names), timeout=60)
-            return time.perf_counter() - started
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
-    finally:
-        kubelet.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    with harness.serving(lambda d: harness.spawn([binary, f"--plugin_dir={d}", *args], env=env), names) as server:
+        return server.startup_s
 
 
 def bench_startup(image: Image, repeats: int, launcher: str) -> dict:
@@ -535,11 +458,13 @@ def bench_startup(image: Image, repeats: int, launcher: str) -> dict:
         "launcher": "the same as the first, through the Bazel py_binary launcher",
         "python": 'reference: python3.11 -c "pass", the same way',
     }
-    rows = [[labels[k], fmt(v, 1e3, 0), f"{v['median'] / base:.2f}"] for k, v in s.items()]
+    rows = [[labels[k], fmt(v, "", 1e3, 0), f"{v['median'] / base:.2f}"] for k, v in s.items()]
     table(
-        f"Start-up, ms (median [min..max] of {repeats}; loadavg {loadavg()})", ["what", "time", "/ import grpc"], rows
+        f"Start-up, ms (median [min..max] of {repeats}; loadavg {loadavg_text()})",
+        ["what", "time", "/ import grpc"],
+        rows,
     )
-    return {k: v | {"ratio_to_import_grpc": v["median"] / base} for k, v in s.items()}
+    return {k: {**v, "ratio_to_import_grpc": v["median"] / base} for k, v in s.items()}
 
 
 def bench_imports(image: Image, repeats: int) -> dict:
@@ -561,7 +486,7 @@ def bench_imports(image: Image, repeats: int) -> dict:
         out.append({"what": name, "anon_mib": anon, "file_mib": file, "ms": ms})
         rows.append([name, f"{anon:+.2f}", f"{file:+.2f}", f"{ms:.1f}"])
     table(
-        f"What each import adds, as the DaemonSet's flags load them (median of {repeats}; loadavg {loadavg()})",
+        f"What each import adds, as the DaemonSet's flags load them (median of {repeats}; loadavg {loadavg_text()})",
         ["import", "anonymous MiB", "file-backed MiB", "ms"],
         rows,
     )
@@ -574,10 +499,7 @@ def bench_imports(image: Image, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", help="memory, startup, imports (default: all three)")
-    workspace = os.environ.get("BUILD_WORKSPACE_DIRECTORY")
-    default_json = (
-        os.path.join(workspace, "bench", "results.json") if workspace else "/tmp/token-resource-footprint.json"
-    )
+    default_json = harness.default_json("results.json", "token-resource-footprint.json")
     parser.add_argument("--json", default=default_json, help=f"where to write the figures (default {default_json})")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5; 10 for start-up)")
     parser.add_argument("--image", default=os.path.join(ROOT, "image_index"), help="the OCI layout to run")
@@ -590,7 +512,7 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("footprint: needs root (podman with runc, and unshare/chroot for the unpacked image)")
     image = Image(args.image, args.loaded)
-    results: dict = {"loadavg_start": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict = {"loadavg_start": loadavg_text(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         if "memory" in args.what:
             results["memory"] = bench_memory(image, args.repeats)
@@ -600,7 +522,7 @@ def main() -> None:
             results["imports"] = bench_imports(image, args.repeats)
     finally:
         image.close()
-    results["loadavg_end"] = loadavg()
+    results["loadavg_end"] = loadavg_text()
     previous: dict = {}
     if os.path.exists(args.json):
         with open(args.json, encoding="utf-8") as f:

@@ -20,6 +20,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,10 +116,10 @@ def machine() -> dict[str, object]:
     }
 
 
-def default_json(name: str) -> str:
-    """bench/<name> in the workspace under `bazel run`, else /tmp/token-resource-<name>."""
+def default_json(name: str, elsewhere: str) -> str:
+    """bench/<name> in the workspace under `bazel run`, else `elsewhere` in the temporary directory."""
     workspace = os.environ.get("BUILD_WORKSPACE_DIRECTORY")
-    return os.path.join(workspace, "bench", name) if workspace else f"/tmp/token-resource-{name}"
+    return os.path.join(workspace, "bench", name) if workspace else os.path.join(tempfile.gettempdir(), elsewhere)
 
 
 def settle(pid: int, timeout: float = 5.0, read: Callable[[int], int] = procfs.rss_bytes) -> None:

@@ -352,7 +352,7 @@ def bench_workers(repeats: int, loads: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", default="all", choices=["all", "compare", "workers"])
-    default_json = harness.default_json("threads_vs_asyncio.json")
+    default_json = harness.default_json("threads_vs_asyncio.json", "threads-vs-asyncio.json")
     parser.add_argument("--json", default=default_json, help=f"where to write the figures (default {default_json})")
     parser.add_argument("--repeats", type=int, default=5, help="repeats for compare (default 5; workers: 3)")
     args = parser.parse_args()
