@@ -4,7 +4,7 @@ setting.
 Validation here is the kubelet's own (IsExtendedResourceName, endpoint handling, the 4 MiB
 message limit), so a bad setting fails with one clear line instead of as a silent
 registration failure. A configuration file declares one or more resources, each with a count
-and optional per-node counts; the ConfigMap in k8s/token-resource.yaml is a commented example.
+and optional per-node counts; the ConfigMap in k8s/base/token-resource.yaml is a commented example.
 """
 
 import dataclasses
