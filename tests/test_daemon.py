@@ -13,7 +13,7 @@ from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.conftest import StartDaemon, StartKubelet
 from tests.daemon import Daemon, created_in, free_port, http_get, run_to_exit, wait_for_http
 from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode, advertising
-from token_resource.lifecycle import BACKOFF_CAP_S
+from token_resource.backoff import BACKOFF_CAP_S
 
 RESOURCE = "example.com/token"
 SOCKET = "token-resource.sock"  # with --socket=SOCKET; without it each process has its own

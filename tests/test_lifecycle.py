@@ -22,6 +22,7 @@ from pluginregistration.v1 import api_pb2 as registration_pb2
 from pluginregistration.v1 import api_pb2_grpc as registration_pb2_grpc
 from tests.daemon import short_tempdir
 from token_resource import lifecycle
+from token_resource.backoff import BACKOFF_CAP_S
 from token_resource.kubelet import Endpoint, Registration
 from token_resource.lifecycle import DirectoryChanged, Phase, PluginRunner, StreamClosed, StreamOpened
 from token_resource.plugin_server import PluginServer
@@ -254,7 +255,7 @@ def test_short_streams_back_off_after_one_immediate_retry(make_runner: MakeRunne
     assert delays[0] == 0.0
     assert 0.25 <= delays[1] <= 0.5
     assert all(later >= earlier / 2 for earlier, later in itertools.pairwise(delays[1:]))
-    assert 5.0 <= delays[-1] <= lifecycle.BACKOFF_CAP_S
+    assert 5.0 <= delays[-1] <= BACKOFF_CAP_S
 
 
 def test_register_failures_back_off(make_runner: MakeRunner) -> None:

@@ -16,7 +16,7 @@ from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests.conftest import StartDaemon
 from tests.daemon import Daemon, free_port, http_get, removed_from, run_to_exit, wait_for_http
 from tests.fake_kubelet import AdmissionError, FakeKubelet, Mode, advertising
-from token_resource.lifecycle import BACKOFF_CAP_S
+from token_resource.backoff import BACKOFF_CAP_S
 
 TOKEN = "example.com/token"
 LICENSE = "example.com/license"

@@ -32,14 +32,14 @@ import grpc
 from absl import logging
 
 from token_resource import kubelet, metrics, watch
+from token_resource.backoff import Backoff
 from token_resource.device_plugin import DevicePluginServicer
-from token_resource.handoff import HandoffService, SuccessorWatch
+from token_resource.handoff import HandoffService
 from token_resource.kubelet import DirectoryEvent, Endpoint, Registration
-from token_resource.plugin_server import CannotServeError, PluginServer, is_live, remove_if_stale
+from token_resource.plugin_server import CannotServeError, PluginServer
 from token_resource.policy import DevicePolicy
+from token_resource.siblings import Siblings
 
-BACKOFF_FIRST_S = 0.5
-BACKOFF_CAP_S = 10.0
 # A kubelet stream that ends sooner than this after opening counts as a failed registration
 # (back-off grows), so a kubelet that keeps dropping streams is not met with a Register loop.
 STABLE_STREAM_S = 10.0
@@ -183,7 +183,7 @@ class PluginRunner:
         self._list_and_watch_timeout_s = list_and_watch_timeout_s
         self._now = clock
         self._register = register
-        self._rng = rng or random.Random()
+        self._backoff = Backoff(rng or random.Random())
         self._events: queue.Queue[Event] = queue.Queue()
 
         self.phase = Phase.UNSERVED
@@ -191,7 +191,6 @@ class PluginRunner:
         self._problem: str | None = None
         self._pending: Any = None  # the Register call in flight
         self._next_attempt = 0.0  # when to serve (UNSERVED) or register (REGISTERING) next
-        self._failures = 0  # back-off steps taken since the last success
         self._stream_deadline: float | None = None  # AWAITING_STREAM: register again then
         # The kubelet's stream: the first one opened since the latest Register attempt. Only its
         # end means the kubelet let go; other streams (an older kubelet's, a tool's) do not.
@@ -202,8 +201,12 @@ class PluginRunner:
         self._standby_stream: tuple[DevicePluginServicer, int] | None = None
         self._attempted_kubelet: tuple[int, int, int] | None = None  # kubelet.sock of the last attempt
         self._waiting_logged = False
-        self._successor: SuccessorWatch | None = None
-        self._successor_registered = False
+        self._siblings = Siblings(
+            endpoint,
+            instance,
+            lambda i, registered: self.post(SuccessorState(i, registered)),
+            lambda i: self.post(SuccessorGone(i)),
+        )
         self._status = RunnerStatus(Phase.UNSERVED)
 
     # Thread-safe entry points -------------------------------------------------------------
@@ -245,9 +248,9 @@ class PluginRunner:
             self._shut_down()
 
     def start(self) -> None:
-        self._remove_dead_siblings()
+        self._siblings.remove_dead()
         self._converge()
-        self._follow_newest_sibling()
+        self._siblings.follow_newest()
         self._publish_status()
 
     def handle_queued(self) -> None:
@@ -282,9 +285,9 @@ class PluginRunner:
                 pass  # an attempt abandoned for a newer one
             case PolicyChanged(policy):
                 self._policy_changed(policy)
-            case SuccessorState(instance, registered) if self._follows(instance):
+            case SuccessorState(instance, registered) if self._siblings.follows(instance):
                 self._successor_state(registered)
-            case SuccessorGone(instance) if self._follows(instance):
+            case SuccessorGone(instance) if self._siblings.follows(instance):
                 self._successor_gone()
             case SuccessorState() | SuccessorGone():
                 pass  # from a successor we no longer follow
@@ -337,7 +340,7 @@ class PluginRunner:
             phase=self.phase,
             socket=self.socket,
             problem=self._problem,
-            successor=self._successor.instance if self._successor is not None else None,
+            successor=self._siblings.successor.instance if self._siblings.successor is not None else None,
         )
 
     # Serving --------------------------------------------------------------------------------
@@ -423,7 +426,7 @@ class PluginRunner:
         if self.phase is Phase.STOPPED:
             return
         self._cancel_pending()
-        self._unfollow()
+        self._siblings.unfollow()
         self._stop_server()
         self._unwatch_directory()
         self._set_phase(Phase.STOPPED)
@@ -444,7 +447,7 @@ class PluginRunner:
             case DirectoryEvent.KUBELET_SOCKET_CREATED if not self._watcher_mode:
                 self._kubelet_socket_created()
             case DirectoryEvent.SOCKET_CREATED if (self.endpoint.instance_of(name) or 0) > self.instance:
-                self._follow_newest_sibling()
+                self._siblings.follow_newest()
             case DirectoryEvent.SOCKET_REMOVED if name == self.socket and self.phase is Phase.UNSERVED:
                 self._next_attempt = self._now()  # the process that held our socket let go of it
             case _:
@@ -478,7 +481,7 @@ class PluginRunner:
     def _kubelet_stream_closed(self) -> None:
         self._kubelet_stream = None
         lived = self._now() - self._kubelet_stream_opened
-        if self._successor_registered:
+        if self._siblings.successor_registered:
             logging.info("%s: the kubelet's ListAndWatch stream ended; a newer instance is registered", self._resource)
             self._standby()
             return
@@ -561,23 +564,14 @@ class PluginRunner:
             self._pending = None
 
     def _restart_backoff(self) -> None:
-        self._failures = 0
+        self._backoff.reset()
         self._next_attempt = 0.0
 
     def _back_off(self, first_at_once: bool = True) -> float:
-        """Capped exponential back-off with jitter, so restarted nodes do not retry in step.
-
-        A registration's first retry is immediate: a kubelet 1.25-1.36 drops a new instance's
-        stream once when the instance it replaced disconnects (kubernetes#121994), and that
-        must cost nothing. Serving has no such case: its retries start at the first step.
-        """
-        step = self._failures - 1 if first_at_once else self._failures
-        if step < 0:
-            delay = 0.0
-        else:
-            ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**step)
-            delay = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-        self._failures += 1
+        """Schedules the next attempt after a failure. A registration's first retry is immediate:
+        a kubelet 1.25-1.36 drops a new instance's stream once when the instance it replaced
+        disconnects (kubernetes#121994), and that must cost nothing. Serving has no such case."""
+        delay = self._backoff.next_delay(first_at_once)
         self._next_attempt = self._now() + delay
         return delay
 
@@ -641,67 +635,17 @@ class PluginRunner:
 
     # Hand-off -----------------------------------------------------------------------------------
 
-    def _siblings(self) -> list[tuple[int, str]]:
-        """(instance, path) of every other instance's socket for this resource, newest first."""
-        try:
-            names = os.listdir(self.endpoint.plugin_dir)
-        except OSError:
-            return []
-        found = []
-        for name in names:
-            instance = self.endpoint.instance_of(name)
-            if instance is not None and instance != self.instance:
-                found.append((instance, os.path.join(self.endpoint.plugin_dir, name)))
-        return sorted(found, reverse=True)
-
-    def _remove_dead_siblings(self) -> None:
-        """Sockets of instances that died without cleaning up (SIGKILL): the newest instance
-        removes them, and only after a probe shows nobody serves there."""
-        for instance, path in self._siblings():
-            if instance > self.instance:
-                return
-            if remove_if_stale(path):
-                logging.info("%s: removed the socket of a dead instance: %s", self._resource, path)
-
-    def _follow_newest_sibling(self) -> None:
-        """Follows the newest live instance newer than us, if any."""
-        for instance, path in self._siblings():
-            if instance <= self.instance:
-                break
-            if self._successor is not None and self._successor.instance >= instance:
-                return
-            if is_live(path):
-                self._unfollow()
-                logging.info("%s: a newer instance serves on %s; following its registration", self._resource, path)
-                self._successor = SuccessorWatch(
-                    path,
-                    self._resource,
-                    instance,
-                    lambda i, registered: self.post(SuccessorState(i, registered)),
-                    lambda i: self.post(SuccessorGone(i)),
-                )
-                return
-
-    def _follows(self, instance: int) -> bool:
-        return self._successor is not None and self._successor.instance == instance
-
-    def _unfollow(self) -> None:
-        if self._successor is not None:
-            self._successor.close()
-            self._successor = None
-        self._successor_registered = False
-
     def _successor_state(self, registered: bool) -> None:
-        self._successor_registered = registered
+        self._siblings.successor_registered = registered
         if registered and self.phase is not Phase.STANDBY and self.phase is not Phase.UNSERVED:
             self._standby()
 
     def _standby(self) -> None:
-        assert self._successor is not None
+        successor = self._siblings.successor
         logging.info(
-            "%s: standby: instance %d holds the registration; this one will not register again unless it goes",
+            "%s: standby: instance %s holds the registration; this one will not register again unless it goes",
             self._resource,
-            self._successor.instance,
+            successor.instance if successor is not None else "?",
         )
         self._cancel_pending()
         self._stream_deadline = None
@@ -710,11 +654,10 @@ class PluginRunner:
         self._set_phase(Phase.STANDBY)
 
     def _successor_gone(self) -> None:
-        assert self._successor is not None
-        gone = self._successor.instance
-        self._unfollow()
-        self._follow_newest_sibling()  # it may only have replaced its server (kubelet restart)
-        if self._successor is None and self.phase is Phase.STANDBY:
+        gone = self._siblings.successor.instance if self._siblings.successor is not None else None
+        self._siblings.unfollow()
+        self._siblings.follow_newest()  # it may only have replaced its server (kubelet restart)
+        if self._siblings.successor is None and self.phase is Phase.STANDBY:
             logging.info("%s: instance %d is gone; taking over the registration", self._resource, gone)
             if self.server is not None:
                 self.server.servicer.set_policy(self.policy)

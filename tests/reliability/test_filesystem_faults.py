@@ -26,7 +26,7 @@ from tests.conftest import StartDaemon
 from tests.daemon import Daemon, free_port, http_get, short_tempdir, wait_for_http
 from tests.fake_kubelet import FakeKubelet, Mode, advertising
 from tests.reliability.common import RESOURCE, SOCKET, plugin_args
-from token_resource.lifecycle import BACKOFF_CAP_S
+from token_resource.backoff import BACKOFF_CAP_S
 
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
 
