@@ -43,6 +43,14 @@ def plugin_dir() -> Iterator[str]:
 
 
 @pytest.fixture
+def registry() -> Iterator[str]:
+    """A plugin-watcher registry directory (plugins_registry)."""
+    directory = short_tempdir("tr-reg-")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
 def kubelets(plugin_dir: str) -> Iterator[StartKubelet]:
     """start(mode, **options) runs a fake kubelet in plugin_dir; each is stopped after the
     test, which fails if the kubelet saw the plugin break a protocol rule."""

@@ -241,6 +241,28 @@ def advertising(resource: str, count: int, registrations: int | None = None) -> 
     return predicate
 
 
+def newest_connection(kubelet: "FakeKubelet", resource: str, endpoint: str) -> "Connection":
+    """The kubelet's newest connection to `endpoint` for `resource`."""
+    return next(c for c in reversed(kubelet.resources[resource].connections) if c.endpoint == endpoint)
+
+
+def serving_from(resource: str, endpoint: str, count: int) -> Callable[["FakeKubelet"], bool]:
+    """A wait_until predicate: `endpoint` is `resource`'s current endpoint, has streamed, and
+    `count` devices are allocatable."""
+
+    def predicate(kubelet: "FakeKubelet") -> bool:
+        state = kubelet.resources.get(resource)
+        return (
+            state is not None
+            and state.connected
+            and state.endpoint == endpoint
+            and newest_connection(kubelet, resource, endpoint).snapshots > 0
+            and state.allocatable == count
+        )
+
+    return predicate
+
+
 def reconciler_passes(count: int) -> Callable[["FakeKubelet"], bool]:
     """A wait_until predicate: `count` more passes of the plugin watcher's reconciler from the
     first evaluation (to see that nothing more happens, e.g. no retry)."""

@@ -6,7 +6,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import os
-import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ import pytest
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from pluginregistration.v1 import api_pb2 as registration_pb2
 from pluginregistration.v1 import api_pb2_grpc as registration_pb2_grpc
-from tests.daemon import short_tempdir
 from tests.fake_kubelet import (
     FAST_WATCHER,
     Connection,
@@ -26,7 +24,9 @@ from tests.fake_kubelet import (
     Notification,
     WatcherTiming,
     already_tracked_error,
+    newest_connection,
     reconciler_passes,
+    serving_from,
 )
 
 Kubelets = Callable[..., FakeKubelet]
@@ -133,24 +133,11 @@ def plugins(plugin_dir: str) -> Iterator[Callable[..., StubPlugin]]:
 
 
 def connection(kubelet: FakeKubelet, endpoint: str) -> Connection:
-    """The kubelet's newest connection to `endpoint`."""
-    return next(c for c in reversed(kubelet.resources[RESOURCE].connections) if c.endpoint == endpoint)
+    return newest_connection(kubelet, RESOURCE, endpoint)
 
 
 def serving(endpoint: str, count: int = 2) -> Callable[[FakeKubelet], bool]:
-    """The resource's current endpoint is `endpoint`, it has streamed, and `count` are allocatable."""
-
-    def predicate(kubelet: FakeKubelet) -> bool:
-        resource = kubelet.resources.get(RESOURCE)
-        return (
-            resource is not None
-            and resource.connected
-            and resource.endpoint == endpoint
-            and connection(kubelet, endpoint).snapshots > 0
-            and resource.allocatable == count
-        )
-
-    return predicate
+    return serving_from(RESOURCE, endpoint, count)
 
 
 def cleaned_up(endpoint: str) -> Callable[[FakeKubelet], bool]:
@@ -388,13 +375,6 @@ class Watched:
 
     def attempts(self, path: str) -> list:
         return [a for a in self.kubelet.watcher_attempts if a.socket_path == path]
-
-
-@pytest.fixture
-def registry() -> Iterator[str]:
-    directory = short_tempdir("tr-reg-")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,16 +8,14 @@ With --socket the name is fixed and a second instance waits until the socket is 
 
 import os
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-import inotify_simple
 import pytest
 
 from tests.daemon import Daemon, free_port
-from tests.fake_kubelet import Connection, FakeKubelet, Mode, Resource, advertising
+from tests.fake_kubelet import Connection, FakeKubelet, Mode, Resource, advertising, newest_connection, serving_from
 
 RESOURCE = "example.com/token"
 COUNT = 2
@@ -40,23 +38,11 @@ def instance(endpoint: str) -> int:
 
 
 def connection(kubelet: FakeKubelet, endpoint: str) -> Connection:
-    return next(c for c in reversed(kubelet.resources[RESOURCE].connections) if c.endpoint == endpoint)
+    return newest_connection(kubelet, RESOURCE, endpoint)
 
 
 def registered(endpoint: str) -> Callable[[FakeKubelet], bool]:
-    """`endpoint` is the resource's current endpoint, has streamed, and all tokens are allocatable."""
-
-    def predicate(kubelet: FakeKubelet) -> bool:
-        resource = kubelet.resources.get(RESOURCE)
-        return (
-            resource is not None
-            and resource.connected
-            and resource.endpoint == endpoint
-            and connection(kubelet, endpoint).snapshots > 0
-            and resource.allocatable == COUNT
-        )
-
-    return predicate
+    return serving_from(RESOURCE, endpoint, COUNT)
 
 
 def endpoints(resource: Resource) -> list[str]:
@@ -66,21 +52,6 @@ def endpoints(resource: Resource) -> list[str]:
 def dropped_at(resource: Resource) -> float:
     """When allocatable last dropped to 0 (time.monotonic())."""
     return next(t for t, allocatable in reversed(resource.allocatable_history) if allocatable == 0)
-
-
-def wait_for_log(daemon: Daemon, text: str, timeout: float = 10.0) -> None:
-    """Until `text` appears in the daemon's log (inotify on the log file, no polling)."""
-    inotify = inotify_simple.INotify()
-    try:
-        inotify.add_watch(daemon.log_path, inotify_simple.flags.MODIFY)
-        deadline = time.monotonic() + timeout
-        while text not in daemon.log():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or daemon.process.poll() is not None:
-                raise TimeoutError(f"{text!r} not in the log of {daemon.args}:\n{daemon.log()}")
-            inotify.read(timeout=max(1, int(remaining * 1000)))
-    finally:
-        inotify.close()
 
 
 def expect_quiet(kubelet: FakeKubelet, registrations: int) -> None:
@@ -100,7 +71,7 @@ def surge(kubelet: FakeKubelet, daemons: Daemons, plugin_dir: str) -> tuple[Daem
     )
     b_sock = kubelet.resources[RESOURCE].endpoint
     assert instance(b_sock) > instance(a_sock)
-    wait_for_log(a, "standby")
+    a.wait_for_log("standby")
     resource = kubelet.resources[RESOURCE]
     assert endpoints(resource) == [a_sock, b_sock] and resource.unhealthy_marks == 0
     assert a.process.poll() is None and b.process.poll() is None
@@ -187,7 +158,7 @@ def test_a_second_instance_on_a_fixed_socket_waits_until_it_is_free(
     kubelet.wait_until(advertising(RESOURCE, COUNT, registrations=1))
     port = free_port()
     b = daemons(*plugin_args(plugin_dir, "--socket=token-resource.sock", f"--http_port={port}"))
-    wait_for_log(b, "/readyz")
+    b.wait_for_log("/readyz")
     expect_quiet(kubelet, 1)  # B waits: it neither registers nor takes the socket over
     assert b.process.poll() is None and not ready(port)
     resource = kubelet.resources[RESOURCE]

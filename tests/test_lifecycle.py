@@ -12,7 +12,7 @@ import random
 import shutil
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import grpc
 import pytest
@@ -389,15 +389,29 @@ def next_event(runner: PluginRunner) -> None:
     runner.handle(runner._events.get(timeout=10))
 
 
-def test_an_older_instance_steps_aside_and_takes_over_when_the_newer_goes(
-    make_runner: MakeRunner, plugin_dir: str
-) -> None:
+class Pair(NamedTuple):
+    """Two instances of one resource: `old` registered, `new` serving beside it."""
+
+    old: PluginRunner
+    old_kubelet: ScriptedKubelet
+    new: PluginRunner
+    new_kubelet: ScriptedKubelet
+
+
+def surge(make_runner: MakeRunner) -> Pair:
     old_kubelet, new_kubelet = ScriptedKubelet(), ScriptedKubelet()
     old = make_runner(instance=1, kubelet=old_kubelet)
     old.start()
     registered(old, old_kubelet)
     new = make_runner(instance=2, kubelet=new_kubelet)
     new.start()
+    return Pair(old, old_kubelet, new, new_kubelet)
+
+
+def test_an_older_instance_steps_aside_and_takes_over_when_the_newer_goes(
+    make_runner: MakeRunner, plugin_dir: str
+) -> None:
+    old, old_kubelet, new, new_kubelet = surge(make_runner)
     old.handle(DirectoryChanged("widget.2.sock", flags.CREATE))
     assert old.status().successor == 2
     next_event(old)  # the newer one's first state: not registered yet
@@ -414,12 +428,7 @@ def test_an_older_instance_steps_aside_and_takes_over_when_the_newer_goes(
 
 
 def test_a_newer_instance_never_defers_to_an_older_one(make_runner: MakeRunner) -> None:
-    old_kubelet, new_kubelet = ScriptedKubelet(), ScriptedKubelet()
-    old = make_runner(instance=1, kubelet=old_kubelet)
-    old.start()
-    registered(old, old_kubelet)
-    new = make_runner(instance=2, kubelet=new_kubelet)
-    new.start()
+    new = surge(make_runner).new
     new.handle(DirectoryChanged("widget.1.sock", flags.CREATE))
     assert new.status().successor is None and new.phase is Phase.REGISTERING
 
@@ -532,12 +541,7 @@ def test_watcher_mode_recreates_the_socket_when_nobody_asks(watched: Watched) ->
 def test_taking_over_while_the_kubelet_still_holds_our_stream(make_runner: MakeRunner) -> None:
     """A kubelet that tracks instances per socket (1.37+) kept serving through the older
     instance's stream and refuses a second registration of that socket: that is registered."""
-    old_kubelet, new_kubelet = ScriptedKubelet(), ScriptedKubelet()
-    old = make_runner(instance=1, kubelet=old_kubelet)
-    old.start()
-    registered(old, old_kubelet)
-    new = make_runner(instance=2, kubelet=new_kubelet)
-    new.start()
+    old, old_kubelet, new, new_kubelet = surge(make_runner)
     old.handle(DirectoryChanged("widget.2.sock", flags.CREATE))
     next_event(old)
     registered(new, new_kubelet)

@@ -3,23 +3,15 @@
 kubelet, also after a kubelet restart, re-created when the kubelet refuses it."""
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.daemon import Daemon, free_port, removed_from, short_tempdir, wait_for_http
+from tests.daemon import Daemon, free_port, removed_from, wait_for_http
 from tests.fake_kubelet import FAST_WATCHER, FakeKubelet, Mode, Notification, advertising, reconciler_passes
 
 RESOURCE = "example.com/token"
 SOCKET = "token.sock"
-
-
-@pytest.fixture
-def registry() -> Iterator[str]:
-    directory = short_tempdir("tr-reg-")
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
