@@ -26,11 +26,6 @@ class Broadcast(Generic[T]):
         self._streams: list[int] = []  # ids of the open streams, oldest first
         self._next_stream = 0
 
-    @property
-    def value(self) -> T:
-        with self._changed:
-            return self._value
-
     def publish(self, value: T) -> None:
         """Makes `value` the one every stream sends, unless it equals the one in force."""
         with self._changed:

@@ -67,10 +67,6 @@ class RunnerStatus:
     successor: int | None = None  # the newer instance it follows, if any
 
     @property
-    def serving(self) -> bool:
-        return self.phase not in (Phase.UNSERVED, Phase.STOPPED)
-
-    @property
     def registered(self) -> bool:
         return self.phase is Phase.REGISTERED
 

@@ -247,13 +247,12 @@ def test_clients_that_vanish_mid_call(big_daemon: BigDaemon) -> None:
     assert daemon.process.poll() is None
 
 
-def test_many_streams_do_not_starve_allocate(big_daemon: BigDaemon) -> None:
-    """Streams pin a worker each; twice as many streams as the pool has workers must still
-    leave Allocate answering (the daemon ends the oldest beyond a few)."""
+def assert_allocate_answers_beside(big_daemon: BigDaemon, open_streams: Callable[[grpc.Channel], list[object]]) -> None:
+    """With the streams `open_streams` opened on one channel (held: a call object that is garbage
+    collected is cancelled), two concurrent Allocates are still answered and the daemon lives."""
     directory, daemon, plugin = big_daemon
     ch = channel(directory, **{"grpc.max_receive_message_length": 64 * 1024 * 1024})
-    # held in a list: a call object that is garbage collected is cancelled
-    _streams = [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(2 * SERVER_THREADS)]
+    _streams = open_streams(ch)
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(plugin.Allocate, allocate_request([f"item-{i}"]), timeout=5) for i in range(2)]
@@ -262,22 +261,23 @@ def test_many_streams_do_not_starve_allocate(big_daemon: BigDaemon) -> None:
     finally:
         ch.close()
     assert daemon.process.poll() is None
+
+
+def test_many_streams_do_not_starve_allocate(big_daemon: BigDaemon) -> None:
+    """Streams pin a worker each; twice as many streams as the pool has workers must still
+    leave Allocate answering (the daemon ends the oldest beyond a few)."""
+    assert_allocate_answers_beside(
+        big_daemon, lambda ch: [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(2 * SERVER_THREADS)]
+    )
 
 
 def test_many_handoff_watches_do_not_starve_allocate(big_daemon: BigDaemon) -> None:
     """Handoff.Watch streams (an older instance follows a newer one with one) pin a worker each
     too: a flood of them, with every ListAndWatch the cap allows, still leaves Allocate answering."""
-    directory, daemon, plugin = big_daemon
-    ch = channel(directory, **{"grpc.max_receive_message_length": 64 * 1024 * 1024})
-    watch = handoff_pb2_grpc.HandoffStub(ch).Watch
-    # held in lists: a call object that is garbage collected is cancelled
-    _streams = [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(SERVER_THREADS)]
-    _watches = [watch(handoff_pb2.WatchRequest(resource=RESOURCE)) for _ in range(2 * SERVER_THREADS)]
-    try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(plugin.Allocate, allocate_request([f"item-{i}"]), timeout=5) for i in range(2)]
-            for f in futures:
-                assert f.result().container_responses
-    finally:
-        ch.close()
-    assert daemon.process.poll() is None
+
+    def flood(ch: grpc.Channel) -> list[object]:
+        watch = handoff_pb2_grpc.HandoffStub(ch).Watch
+        streams: list[object] = [stub(ch).ListAndWatch(api_pb2.Empty()) for _ in range(SERVER_THREADS)]
+        return streams + [watch(handoff_pb2.WatchRequest(resource=RESOURCE)) for _ in range(2 * SERVER_THREADS)]
+
+    assert_allocate_answers_beside(big_daemon, flood)
