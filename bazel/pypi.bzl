@@ -33,6 +33,20 @@ filegroup(
 )
 """
 
+def _keep_only(rctx, package, keep_only):
+    """Deletes what a package ships but nothing here uses, so that no test's runfiles carry it."""
+    for directory, kept in keep_only.items():
+        if not directory.startswith(package + "/"):
+            continue
+        path = rctx.path(package + "/site/" + directory[len(package) + 1:])
+        names = [entry.basename for entry in path.readdir()]
+        missing = [name for name in kept if name not in names]
+        if missing:
+            fail("pypi_wheels: keep_only names %s, which %s does not have" % (missing, path))
+        for entry in path.readdir():
+            if entry.basename not in kept:
+                rctx.delete(entry)
+
 def _pypi_wheels_impl(rctx):
     lock = json.decode(rctx.read(rctx.attr.lock))
     arch = rctx.execute(["uname", "-m"]).stdout.strip()  # repository_os.arch needs Bazel 5
@@ -50,6 +64,7 @@ def _pypi_wheels_impl(rctx):
             output = name + "/site",
             type = "zip",
         )
+        _keep_only(rctx, name, rctx.attr.keep_only)
         rctx.file(name + "/BUILD.bazel", _BUILD_TEMPLATE.format(
             name = name,
             deps = repr(["//" + dep for dep in package["deps"]]),
@@ -62,6 +77,10 @@ pypi_wheels = repository_rule(
     implementation = _pypi_wheels_impl,
     attrs = {
         "lock": attr.label(mandatory = True, allow_single_file = True),
+        "keep_only": attr.string_list_dict(
+            doc = "A directory inside a package (`<package>/<path under site-packages>`) -> " +
+                  "the entries of it to keep; the others are deleted after unpacking.",
+        ),
         "platform": attr.string(
             doc = "linux_x86_64 or linux_aarch64; empty means this machine's.",
         ),
