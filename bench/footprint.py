@@ -60,7 +60,7 @@ DAEMONSET_ARGS = ["--config=/etc/token-resource/config.yaml", "--http_port=8080"
 # What the DaemonSet's flags load, each row what it adds to what the rows above loaded.
 IMPORT_STEPS = [
     ("grpc", "grpc"),
-    ("absl (app, flags, logging)", "absl.app absl.flags absl.logging"),
+    ("absl (flags, logging)", "absl.flags absl.logging"),
     ("generated DevicePlugin API (protobuf)", "deviceplugin.v1beta1.api_pb2_grpc"),
     ("inotify_simple (ctypes)", "inotify_simple"),
     ("yaml (--config)", "yaml"),

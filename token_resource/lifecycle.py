@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from absl import logging
@@ -77,59 +77,52 @@ class RunnerStatus:
 
 
 # Events --------------------------------------------------------------------------------------
+# Immutable values the runner matches by type. NamedTuples rather than frozen dataclasses:
+# defining eleven of those cost ~8 ms of the daemon's start-up (BENCHMARKS.md, "Start-up").
+# No event is compared with another (two NamedTuples with equal fields are equal).
 
 
-@dataclasses.dataclass(frozen=True)
-class Stop:
+class Stop(NamedTuple):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
-class DirectoryChanged:
+class DirectoryChanged(NamedTuple):
     name: str
     mask: int
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamOpened:
+class StreamOpened(NamedTuple):
     servicer: DevicePluginServicer  # events of a server since replaced are stale
     stream: int
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamClosed:
+class StreamClosed(NamedTuple):
     servicer: DevicePluginServicer
     stream: int
 
 
-@dataclasses.dataclass(frozen=True)
-class RegisterDone:
+class RegisterDone(NamedTuple):
     future: Any  # grpc.Future, or any future with cancelled() and result()
 
 
-@dataclasses.dataclass(frozen=True)
-class PolicyChanged:
+class PolicyChanged(NamedTuple):
     policy: DevicePolicy
 
 
-@dataclasses.dataclass(frozen=True)
-class SuccessorState:
+class SuccessorState(NamedTuple):
     instance: int
     registered: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class SuccessorGone:
+class SuccessorGone(NamedTuple):
     instance: int
 
 
-@dataclasses.dataclass(frozen=True)
-class InfoRequested:
+class InfoRequested(NamedTuple):
     """The plugin watcher asked for GetInfo: the kubelet is registering this socket."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RegistrationStatus:
+class RegistrationStatus(NamedTuple):
     """The plugin watcher's NotifyRegistrationStatus."""
 
     registered: bool

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from token_resource import config, metrics, tokens
+from token_resource import cli, config, metrics, tokens
 from token_resource.kubelet import DEFAULT_REGISTRY_DIR, Registration
 from token_resource.lifecycle import handle_signals
 from token_resource.plugin_server import CannotServeError
@@ -213,7 +213,7 @@ def _status_server(supervisor: Supervisor) -> "StatusServer | None":
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.version:
         print(f"token-resource {VERSION}")
         return 0
@@ -253,7 +253,7 @@ def _fail(reason: str) -> int:
 
 
 def run() -> None:
-    app.run(main)
+    cli.run(main, __doc__)
 
 
 if __name__ == "__main__":
