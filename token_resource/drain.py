@@ -1,4 +1,4 @@
-"""A planned stop without failed pods: take this node's resources out of the scheduler's view first.
+"""A planned stop, or a lower count, without failed pods: lower the scheduler's view of this node first.
 
 When the plugin's ListAndWatch stream ends, the kubelet marks its devices unhealthy at once and
 refuses every pod that reaches it asking for them (`UnexpectedAdmissionError`), while the node
@@ -6,16 +6,26 @@ status the scheduler reads still shows them until the kubelet's next status upda
 On 1.20 a successor cannot help: the DaemonSet controller creates it only once the old pod is
 gone. So on SIGTERM, while it still serves, the daemon calls
 
-    NodeDrain(kubeapi.in_cluster(), node_name).withhold(resources, timeout_s)
+    NodeDrain(kubeapi.in_cluster(), node_name, timeout_s=drain_timeout).withhold({resource: 0, ...})
 
-and only then stops serving. withhold() sets allocatable of each resource to "0" in the node's
-status (the scheduler then leaves new pods `Pending`), waits until the pods already bound to this
-node that request one of the resources have been admitted by the kubelet (they get their
-tokens from this still-registered plugin), and returns. It never raises: without API access or
-RBAC it logs one line and returns a result saying it was skipped, and the daemon stops as before.
-Once the stream has ended, `seal(resources)` re-applies the patch once: a write-back by the
-kubelet in the moment between withhold() returning and the stream's end would otherwise show
-the count to the scheduler for up to 10 s more.
+and only then stops serving. withhold() sets allocatable of each resource to its quantity ("0"
+here) in the node's status (the scheduler then leaves new pods `Pending`), waits until the pods
+already bound to this node that request one of the resources have been admitted by the kubelet
+(they get their tokens from this still-registered plugin), and returns. It never raises: without
+API access or RBAC it logs one line and returns a result saying it was skipped, and the daemon
+stops as before. Once the stream has ended, `seal(quantities)` re-applies the patch once: a
+write-back by the kubelet in the moment between withhold() returning and the stream's end would
+otherwise show the count to the scheduler for up to 10 s more.
+
+A lower count is the same window in small: the new snapshot lowers the kubelet's view at once,
+the scheduler's 10 s later, and pods bound meanwhile fail admission. So before it publishes a
+lower count (ConfigMap 4 -> 2), the supervisor calls withhold({resource: 2}): allocatable "2"
+for the scheduler while the kubelet still has 4 devices for the pods already bound, then it
+publishes, then seal({resource: 2}) (the kubelet's view is 2 by then, so it holds). Pods running
+beyond the new count keep their tokens; the scheduler, which counts them against "2", sends no
+new one until they end. A resource removed from the configuration is a stop for that resource
+(quantity 0). While withholding a quantity, only a write-back above it is re-applied: a lower
+value is the kubelet's own view (devices gone), not ours to raise.
 
 What the 1.20 kubelet does with the patch (pkg/kubelet/kubelet_node_status.go, nodestatus/setters.go,
 lifecycle/predicate.go, cm/devicemanager/manager.go), and as seen on a real 1.20.2 node (realk8s,
@@ -40,6 +50,9 @@ lifecycle/predicate.go, cm/devicemanager/manager.go), and as seen on a real 1.20
   status update writes it back: that is the wanted end state, so nothing here runs after
   withhold() returns. Seen: "2" again 2 s after the plugin was restarted, and the Pending pod
   was scheduled and ran.
+- A quantity other than 0 is the same: the kubelet writes the old count back until its view
+  is the new one, and then agrees with the patch. Seen (realk8s, the disruption suite's
+  count-decrease, 2 -> 1 under a churn of token pods): see README, "Live reconfiguration".
 
 RBAC (a ClusterRole bound to the plugin's ServiceAccount; a DaemonSet cannot name its node):
     nodes/status: patch     the withholding itself
@@ -52,7 +65,7 @@ pods it waits only the settle time.
 import dataclasses
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from absl import logging
@@ -63,6 +76,8 @@ POLL_S = 0.25
 # The scheduler binds asynchronously: a pod it assumed on this node just before it saw the patch
 # is bound a moment later. Pods are looked for at least this long after the patch.
 SETTLE_S = 1.0
+# The longest wait for bound pods (the daemon's --drain_timeout).
+TIMEOUT_S = 10.0
 # A re-patch runs while withhold() waits to return, so it gets a short timeout.
 REPATCH_TIMEOUT_S = 2.0
 BLIND_REPATCH_S = 1.0
@@ -77,7 +92,7 @@ _LIVE_PODS = "spec.nodeName={},status.phase!=Succeeded,status.phase!=Failed"
 
 @dataclasses.dataclass(frozen=True)
 class DrainResult:
-    patched: bool  # allocatable was set to "0" on the node
+    patched: bool  # allocatable was set to the quantities on the node
     pods: tuple[str, ...] = ()  # namespace/name of the bound pods that were waited for
     unadmitted: tuple[str, ...] = ()  # of those, the ones still not admitted when time ran out
     repatches: int = 0  # times the kubelet wrote the count back and it was withheld again
@@ -116,41 +131,52 @@ def pod_name(pod: Mapping[str, Any]) -> str:
 
 
 class NodeDrain:
-    """Withholds device-plugin resources of one node from the scheduler; see the module docstring."""
+    """Withholds device-plugin resources of one node from the scheduler, down to a quantity each
+    (0 for a stop); see the module docstring. It is the supervisor's `Withholder`."""
 
-    def __init__(self, api: KubeAPI, node_name: str, poll_s: float = POLL_S, settle_s: float = SETTLE_S) -> None:
+    def __init__(
+        self,
+        api: KubeAPI,
+        node_name: str,
+        poll_s: float = POLL_S,
+        settle_s: float = SETTLE_S,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self._api = api
         self._node = node_name
         self._poll_s = poll_s
         self._settle_s = settle_s
+        self._timeout_s = timeout_s
 
-    def withhold(self, resources: Sequence[str], timeout_s: float) -> DrainResult:
-        """Sets allocatable of resources to "0", waits at most timeout_s (plus one short re-patch)
-        for the bound pods to be admitted, and returns. Never raises."""
+    def withhold(self, quantities: Mapping[str, int], timeout_s: float | None = None) -> DrainResult:
+        """Sets allocatable of each resource to its quantity, waits at most timeout_s (default: the
+        constructor's; plus one short re-patch) for the bound pods to be admitted, and returns.
+        Never raises."""
         start = time.monotonic()
+        wanted = dict(quantities)
         try:
-            return self._withhold(tuple(resources), start, start + timeout_s)
+            return self._withhold(wanted, start, start + (self._timeout_s if timeout_s is None else timeout_s))
         except Exception as error:  # a bug here must not keep the daemon from stopping
-            logging.warning("withholding %s failed: %s: %s", ", ".join(resources), type(error).__name__, error)
+            logging.warning("withholding %s failed: %s: %s", _show(wanted), type(error).__name__, error)
             return DrainResult(False, seconds=time.monotonic() - start, skipped=f"{type(error).__name__}: {error}")
 
-    def seal(self, resources: Sequence[str], timeout_s: float = REPATCH_TIMEOUT_S) -> bool:
-        """Re-applies the patch once, after the plugin's stream has ended (the kubelet then agrees
-        with "0", so it holds). Only for a plugin that leaves with no successor registered yet.
-        Returns whether it was applied; never raises."""
-        body = {"status": {"allocatable": dict.fromkeys(resources, "0")}}
+    def seal(self, quantities: Mapping[str, int], timeout_s: float = REPATCH_TIMEOUT_S) -> bool:
+        """Re-applies the patch once, after the plugin stopped serving the higher count (its
+        stream ended, or it published the lower count): the kubelet then agrees, so it holds.
+        Only while no successor is registered yet. Returns whether it was applied; never raises."""
         try:
-            self._api.patch_node_status(self._node, body, timeout_s=timeout_s)
+            self._api.patch_node_status(self._node, _body(quantities), timeout_s=timeout_s)
             return True
         except Exception as error:  # as in withhold(): never in the way of stopping
-            logging.warning("sealing %s on node %s: %s", ", ".join(resources), self._node, error)
+            logging.warning("sealing %s on node %s: %s", _show(quantities), self._node, error)
             return False
 
-    def _withhold(self, resources: tuple[str, ...], start: float, deadline: float) -> DrainResult:
-        if not resources:
+    def _withhold(self, quantities: dict[str, int], start: float, deadline: float) -> DrainResult:
+        if not quantities:
             return DrainResult(False, skipped="no resources")
-        names = ", ".join(resources)
-        body = {"status": {"allocatable": dict.fromkeys(resources, "0")}}
+        names = ", ".join(quantities)
+        resources = tuple(quantities)
+        body = _body(quantities)
         try:
             node = self._api.patch_node_status(self._node, body, timeout_s=_remaining(deadline))
         except KubeAPIError as error:
@@ -158,8 +184,8 @@ class NodeDrain:
             logging.warning("not withholding %s from the scheduler: %s", names, why)
             return DrainResult(False, seconds=time.monotonic() - start, skipped=why)
         patched_at = time.monotonic()
-        logging.info("withholding %s from the scheduler: allocatable 0 on node %s", names, self._node)
-        guard = _Guard(self._api, self._node, body, resources, _resource_version(node))
+        logging.info("withholding from the scheduler: allocatable %s on node %s", _show(quantities), self._node)
+        guard = _Guard(self._api, self._node, body, quantities, _resource_version(node))
         try:
             pods, unadmitted, problem = self._wait(resources, patched_at + self._settle_s, deadline)
         finally:
@@ -222,15 +248,16 @@ class NodeDrain:
 
 class _Guard:
     """Watches the node from a thread and re-applies the patch whenever the kubelet writes a
-    resource's count back, until stop(), which returns only once no patch can follow."""
+    resource's count back (a value above the quantity withheld), until stop(), which returns
+    only once no patch can follow."""
 
     def __init__(
-        self, api: KubeAPI, node: str, body: Mapping[str, Any], resources: tuple[str, ...], version: str | None
+        self, api: KubeAPI, node: str, body: Mapping[str, Any], quantities: Mapping[str, int], version: str | None
     ) -> None:
         self._api = api
         self._node = node
         self._body = body
-        self._resources = resources
+        self._quantities = quantities
         self._version = version
         self._lock = threading.Lock()  # held by a re-patch; stop() takes it to know none follows
         self._stopped = threading.Event()
@@ -281,8 +308,13 @@ class _Guard:
             self._version = _resource_version(event.object) or self._version
             if event.type in ("ADDED", "MODIFIED"):
                 allocatable = (event.object.get("status") or {}).get("allocatable") or {}
-                # A resource missing from allocatable was dropped by the kubelet: nothing to withhold.
-                back = {r: allocatable[r] for r in self._resources if r in allocatable and not _is_zero(allocatable[r])}
+                # A resource missing from allocatable was dropped by the kubelet, and one below the
+                # quantity has lost devices: nothing to withhold.
+                back = {
+                    r: allocatable[r]
+                    for r, q in self._quantities.items()
+                    if r in allocatable and _above(allocatable[r], q)
+                }
                 if back:
                     self._repatch(back)
 
@@ -291,6 +323,8 @@ class _Guard:
             self._repatch({})
 
     def _repatch(self, back: Mapping[str, str]) -> None:
+        """Withholds again the resources written back (all of them, blind): not the others, which
+        may have dropped below their quantity meanwhile."""
         with self._lock:
             if self._stopped.is_set():
                 return
@@ -301,7 +335,8 @@ class _Guard:
                     ", ".join(f"{r}={q}" for r, q in back.items()),
                 )
             try:
-                self._api.patch_node_status(self._node, self._body, timeout_s=REPATCH_TIMEOUT_S)
+                body = _body({r: self._quantities[r] for r in back}) if back else self._body
+                self._api.patch_node_status(self._node, body, timeout_s=REPATCH_TIMEOUT_S)
                 self._repatches += 1 if back else 0
             except KubeAPIError as error:
                 logging.warning("re-applying the patch on node %s: %s", self._node, error)
@@ -313,6 +348,24 @@ def _why(error: KubeAPIError, permission: str) -> str:
     if error.status is None:
         return f"API server unreachable: {error}"
     return str(error)
+
+
+def _body(quantities: Mapping[str, int]) -> dict[str, Any]:
+    return {"status": {"allocatable": {r: str(q) for r, q in quantities.items()}}}
+
+
+def _show(quantities: Mapping[str, int]) -> str:
+    return ", ".join(f"{r}={q}" for r, q in quantities.items())
+
+
+def _above(quantity: object, limit: int) -> bool:
+    """Whether an allocatable quantity from the API exceeds `limit`. A device count is a plain
+    integer there; anything else (never seen) counts as above unless it reads as the limit."""
+    text = str(quantity).strip()
+    try:
+        return int(text) > limit
+    except ValueError:
+        return text != str(limit) and not (limit == 0 and _is_zero(text))
 
 
 def _is_zero(quantity: object) -> bool:

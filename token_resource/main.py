@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from absl import flags, logging
@@ -25,7 +25,6 @@ from token_resource.policy import DevicePolicy
 from token_resource.supervisor import ConfigFile, Supervisor, Withholder
 
 if TYPE_CHECKING:  # imported where the flags need them: see main() and _withholder()
-    from token_resource import drain
     from token_resource.status import StatusServer
 
 VERSION = "0.1.0"
@@ -79,11 +78,14 @@ flags.DEFINE_bool(
     True,
     "On SIGTERM, take the resources out of the scheduler's view of this node (its status, through the "
     "Kubernetes API) and let pods already bound to it be admitted before stopping, so none fails "
-    "admission. Needs an in-cluster ServiceAccount token, the node name and the RBAC in k8s/; "
-    "without them it is skipped.",
+    "admission; the same before a reload lowers a count or removes a resource. Needs an in-cluster "
+    "ServiceAccount token, the node name and the RBAC in k8s/; without them it is skipped.",
 )
 flags.DEFINE_float(
-    "drain_timeout", 10.0, "Longest wait on SIGTERM for pods already bound to this node.", lower_bound=0.0
+    "drain_timeout",
+    10.0,
+    "Longest wait, on SIGTERM or a lower count, for pods already bound to this node.",
+    lower_bound=0.0,
 )
 flags.DEFINE_float(
     "list_and_watch_timeout",
@@ -165,18 +167,6 @@ def token_policy(plugin: config.PluginConfig, previous: DevicePolicy | None) -> 
     return tokens.TokenPolicy(plugin.resource, plugin.count)
 
 
-class _NodeWithholder:
-    def __init__(self, node_drain: "drain.NodeDrain", timeout_s: float) -> None:
-        self._drain = node_drain
-        self._timeout_s = timeout_s
-
-    def withhold(self, resources: Sequence[str]) -> None:
-        self._drain.withhold(resources, self._timeout_s)
-
-    def seal(self, resources: Sequence[str]) -> None:
-        self._drain.seal(resources)
-
-
 def _withholder() -> Withholder | None:
     """The drain on stop, where it can work; says once at start why not otherwise."""
     if not FLAGS.drain_on_stop:
@@ -193,7 +183,7 @@ def _withholder() -> Withholder | None:
     logging.info("drain on stop: on, for node %s", FLAGS.node_name)
     from token_resource import drain
 
-    return _NodeWithholder(drain.NodeDrain(api, FLAGS.node_name), FLAGS.drain_timeout)
+    return drain.NodeDrain(api, FLAGS.node_name, timeout_s=FLAGS.drain_timeout)
 
 
 def _status_server(supervisor: Supervisor) -> "StatusServer | None":

@@ -10,13 +10,24 @@ serve (its socket is held by another process, say) is retried by its runner and 
 On stop, resources this instance holds with the kubelet (not those a newer instance has taken
 over) are first withheld from the scheduler (`Withholder`, see drain.py), then every runner
 stops serving, then the withholding is sealed.
+
+A reload that lowers what the kubelet is told is the same, resource by resource: a new snapshot
+lowers the kubelet's view at once but the node status the scheduler reads only at the kubelet's
+next status update (10 s), and pods bound meanwhile would fail admission. So a lower count of a
+held resource is first withheld down to the new count (a removed resource down to 0: it is a
+stop for that resource), which returns once the pods already bound have been admitted from the
+old snapshot (at most the drain timeout); then the runners apply the new configuration, and
+once each has published it the withholding is sealed. An increase, and a resource this instance
+does not hold (never registered, or STANDBY), apply at once as before; so does everything when
+the withholding cannot work (no API access: it logs why and returns).
 """
 
 import dataclasses
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from absl import logging
@@ -31,14 +42,23 @@ from token_resource.policy import DevicePolicy
 PolicyFactory = Callable[[PluginConfig, DevicePolicy | None], DevicePolicy]
 
 
+# How long a reload waits for a runner to publish the lower count before it seals anyway (a
+# runner handles events in milliseconds; this bounds a wedged one).
+PUBLISH_TIMEOUT_S = 2.0
+_PUBLISH_POLL_S = 0.005
+
+
 class Withholder(Protocol):
-    """Keeps new pods that need `resources` away from this node around a planned stop."""
+    """Lowers the scheduler's view of this node's resources (resource -> quantity: 0 for a stop,
+    the new count for a decrease) before the kubelet's is, so no new pod is bound beyond it
+    (drain.NodeDrain). Both never raise."""
 
-    def withhold(self, resources: Sequence[str]) -> None:
-        """While the plugin still serves: returns once no pod is on its way to the kubelet."""
+    def withhold(self, quantities: Mapping[str, int]) -> object:
+        """While the plugin still serves the higher count: returns once no pod is on its way to
+        the kubelet (bounded by the drain timeout)."""
 
-    def seal(self, resources: Sequence[str]) -> None:
-        """After the plugin stopped serving."""
+    def seal(self, quantities: Mapping[str, int]) -> object:
+        """After the plugin stopped serving the higher count (stream ended, or lower count published)."""
 
 
 @dataclasses.dataclass
@@ -120,9 +140,10 @@ class Supervisor:
                     self._reload()
             held = self._held()
             if held and self._withholder is not None:
-                self._withholder.withhold(held)
+                stopped = dict.fromkeys(held, 0)
+                self._withholder.withhold(stopped)
                 self._apply(())
-                self._withholder.seal(held)
+                self._withholder.seal(stopped)
         finally:
             self._apply(())
             self._watcher.close()
@@ -184,7 +205,7 @@ class Supervisor:
         metrics.CONFIG_GENERATION.set(self.generation)
         metrics.CONFIG_LAST_RELOAD_OK.set(1)
         logging.info("configuration generation %d from %s: %s", self.generation, self._source.path, _summary(plugins))
-        self._apply(plugins)
+        self._reconfigure(plugins)
 
     def _reject(self, reason: str) -> None:
         if reason == self.reload_error:
@@ -201,6 +222,41 @@ class Supervisor:
         logging.info("configuration file is back to generation %d", self.generation)
 
     # Runners ---------------------------------------------------------------------------------
+
+    def _reconfigure(self, plugins: tuple[PluginConfig, ...]) -> None:
+        """_apply(plugins), with what it lowers withheld from the scheduler around it (see the
+        module docstring)."""
+        lowered = self._lowered(plugins) if self._withholder is not None else {}
+        if not lowered or self._withholder is None:
+            self._apply(plugins)
+            return
+        self._withholder.withhold(lowered)
+        self._apply(plugins)
+        self._await_published()
+        self._withholder.seal(lowered)
+
+    def _lowered(self, plugins: tuple[PluginConfig, ...]) -> dict[str, int]:
+        """The held resources whose count `plugins` lowers: resource -> the new count (0 if removed)."""
+        wanted = {p.resource: p for p in plugins}
+        lowered = {}
+        for name in self._held():
+            new, old = wanted.get(name), self._running[name].plugin
+            if new is None:
+                lowered[name] = 0
+            elif new.count < old.count:
+                lowered[name] = new.count
+        return lowered
+
+    def _await_published(self) -> None:
+        """Until every runner has taken the policy it was last given (its open stream then has
+        the new snapshot); a removed one was joined already. Bounded: a wedged runner is not a
+        reason to stop withholding (the seal is only the last re-apply)."""
+        deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+        while any(r.runner.policy is not r.policy for r in list(self._running.values())):
+            if time.monotonic() >= deadline:
+                logging.warning("a runner did not take its new count within %.0fs", PUBLISH_TIMEOUT_S)
+                return
+            time.sleep(_PUBLISH_POLL_S)
 
     def _apply(self, plugins: tuple[PluginConfig, ...]) -> None:
         wanted = {p.resource: p for p in plugins}
