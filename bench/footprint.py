@@ -76,6 +76,9 @@ IMPORT_STEPS = [
 # DaemonSet; the address refuses at once (the daemons run without network or on the host's).
 POD_ENV = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "1", "NODE_NAME": "node-a"}
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The daemon's module run directly: token_resource/__main__.py (the image's entry point) turns the
+# garbage collector off for the start, token_resource.main alone does not.
+COLLECTOR_ON = ["/usr/bin/python3.11", "-m", "token_resource.main"]
 IMPORT_PROBE = """
 import importlib, json, sys, time
 def rss():
@@ -394,9 +397,9 @@ def bench_memory(image: Image, repeats: int) -> dict:
 # Start-up, in the unpacked image --------------------------------------------------------------
 
 
-def chroot_daemon_start(image: Image, args: list[str], names: list[str]) -> float:
+def chroot_daemon_start(image: Image, args: list[str], names: list[str], entrypoint: list[str] | None = None) -> float:
     plugin_dir = os.path.join(image.root, "dp")
-    command = image.chroot([*image.entrypoint, "--plugin_dir=/dp", *args])
+    command = image.chroot([*(entrypoint or image.entrypoint), "--plugin_dir=/dp", *args])
     try:
         with harness.serving(
             lambda _: harness.spawn(command, env=image.chroot_env()), names, directory=plugin_dir
@@ -436,6 +439,7 @@ def bench_startup(image: Image, repeats: int, launcher: str) -> dict:
     names = resources(1)
     trials: dict[str, Callable[[], float]] = {
         "image": lambda: chroot_daemon_start(image, deployed, names),
+        "collector_on": lambda: chroot_daemon_start(image, deployed, names, COLLECTOR_ON),
         "import_grpc": lambda: chroot_python(image, "import grpc"),
         "import_grpc_oo": lambda: chroot_python(image, "import grpc", optimize=True),
         "plain": lambda: chroot_daemon_start(image, ["--count=2", "--resource=example.com/token"], names),
@@ -452,6 +456,7 @@ def bench_startup(image: Image, repeats: int, launcher: str) -> dict:
     base = s["import_grpc"]["median"]
     labels = {
         "image": "daemon as the image runs it (--config, --http_port): start -> first snapshot",
+        "collector_on": "the same through token_resource.main, with the garbage collector on at start",
         "import_grpc": 'baseline: python3.11 -c "import grpc", the same way (without PYTHONOPTIMIZE)',
         "import_grpc_oo": "reference: the same with the image's PYTHONOPTIMIZE=2",
         "plain": "the same, plain flags (--count=2, no --config or --http_port)",

@@ -64,7 +64,7 @@ def test_index_has_both_platforms() -> None:
 
 def test_config(image: imagefs.ImageFS) -> None:
     config = image.config["config"]
-    assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "token_resource.main"]
+    assert config["Entrypoint"] == ["/usr/bin/python3.11", "-m", "token_resource"]
     assert "Cmd" not in config
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["PYTHONPATH"] == "/app:/app/site-packages"
