@@ -610,7 +610,8 @@ REAL = {name: os.environ.get(f"TR_KUBE_{name}") for name in ("API", "TOKEN_FILE"
 @pytest.mark.skipif(
     not all(REAL.values()), reason="set TR_KUBE_API, TR_KUBE_TOKEN_FILE, TR_KUBE_NODE, TR_KUBE_RESOURCE"
 )
-def test_real_api_server() -> None:
+@pytest.mark.parametrize("lower_by", [None, 1], ids=["to-zero", "one-less"])
+def test_real_api_server(lower_by: int | None) -> None:
     url, token_file, node, resource = (REAL[name] or "" for name in ("API", "TOKEN_FILE", "NODE", "RESOURCE"))
     api = KubeAPI(url, token_file, insecure=True)
     path = f"/api/v1/nodes/{node}"
@@ -620,12 +621,13 @@ def test_real_api_server() -> None:
 
     count = allocatable()
     assert count not in (None, "0"), f"{resource} is not registered on {node}"
+    quantity = 0 if lower_by is None else int(count or 0) - lower_by
     # Held past the kubelet's 10 s status update, which writes the count back at least once.
-    result = NodeDrain(api, node, settle_s=12).withhold({resource: 0}, timeout_s=15)
+    result = NodeDrain(api, node, settle_s=12).withhold({resource: quantity}, timeout_s=15)
     assert result.patched and result.skipped is None and result.repatches >= 1
-    assert allocatable() == "0"
+    assert allocatable() == str(quantity)
     # Left alone after, the kubelet's next update restores its own view.
     deadline = time.monotonic() + 15
-    while allocatable() == "0" and time.monotonic() < deadline:
+    while allocatable() == str(quantity) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert allocatable() == count

@@ -51,8 +51,16 @@ lifecycle/predicate.go, cm/devicemanager/manager.go), and as seen on a real 1.20
   withhold() returns. Seen: "2" again 2 s after the plugin was restarted, and the Pending pod
   was scheduled and ran.
 - A quantity other than 0 is the same: the kubelet writes the old count back until its view
-  is the new one, and then agrees with the patch. Seen (realk8s, the disruption suite's
-  count-decrease, 2 -> 1 under a churn of token pods): see README, "Live reconfiguration".
+  is the new one, and then agrees with the patch (its update patches only what differs from
+  the node it read). Seen (realk8s, 2026-11-30, the disruption suite's count-decrease, 2 -> 1
+  while both tokens are in use under a churn of token pods, 5 repeats): patch to "1", 1.1-1.2 s
+  of withholding (the settle time; no bound pod left to wait for), then the new snapshot; no
+  failed pod (5 in the run before this), no pod started beyond the count in force.
+- What is left: the kubelet's status update GETs the node (from the API server's cache), sets
+  its status from its own view and patches the difference. An update that read its device view
+  before the new snapshot arrived and patches after the seal writes the old count back, and it
+  stands until the next update (10 s): pods the scheduler binds then fail. That takes the
+  kubelet's GET-to-PATCH (milliseconds) to straddle the publish, once per 10 s.
 
 RBAC (a ClusterRole bound to the plugin's ServiceAccount; a DaemonSet cannot name its node):
     nodes/status: patch     the withholding itself
