@@ -1,5 +1,6 @@
 """Shared fixtures: a short temp directory, a fake kubelet in it, and daemons to clean up."""
 
+import pathlib
 import shutil
 import threading
 import time
@@ -9,7 +10,9 @@ from typing import Any, Protocol
 import pytest
 
 from tests.daemon import Daemon, short_tempdir
+from tests.fake_apiserver import FakeAPIServer
 from tests.fake_kubelet import STOP_GRACE_PERIOD_S, FakeKubelet, Mode, WatcherTiming
+from token_resource.kubeapi import KubeAPI
 
 
 class StartKubelet(Protocol):
@@ -94,3 +97,19 @@ def daemons(request: pytest.FixtureRequest) -> Iterator[StartDaemon]:
             daemon.process.wait()
         print(f"---- daemon {daemon.args} log ----\n{daemon.log()}")
         daemon.close()
+
+
+@pytest.fixture
+def server() -> Iterator[FakeAPIServer]:
+    """The fake Kubernetes API server (tests/fake_apiserver.py), on loopback."""
+    fake = FakeAPIServer()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def api(server: FakeAPIServer, tmp_path: pathlib.Path) -> KubeAPI:
+    """The daemon's API client, with the fake server's bearer token in a file."""
+    token = tmp_path / "token"
+    token.write_text(server.token + "\n")
+    return KubeAPI(server.url, str(token))
