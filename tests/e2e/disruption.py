@@ -40,7 +40,7 @@ sync it, which remounts its ConfigMap volumes from its watch-based cache. That i
 update, nothing privileged; the daemon then sees the `..data` swap as on any cluster.
 
 Exit status: 1 when a disruption that must be clean (pod-delete, rolling-update, surge,
-count-increase; and baseline) has a failed pod in any repeat, when a token pod ever started beyond
+count-decrease, count-increase; and baseline) has a failed pod in any repeat, when a token pod ever started beyond
 the count in force, or when the plugin did not come back; the other disruptions' failures are
 reported. --full runs 10 repeats of each; the default (CI) size runs one.
 
@@ -93,8 +93,9 @@ DISRUPTIONS = (
     "count-increase",
     "surge",
 )
-# Issue 9: these must never fail a pod.
-MUST_BE_CLEAN = {"baseline", "pod-delete", "rolling-update", "surge", "count-increase"}
+# Issue 9: these must never fail a pod. (The count decrease since the daemon withholds a lower count
+# before publishing it: 0 failed in 16 repeats; what could still fail one is in drain.py.)
+MUST_BE_CLEAN = {"baseline", "pod-delete", "rolling-update", "surge", "count-decrease", "count-increase"}
 # A container can start up to this long after the kubelet admitted its pod (sandbox, image, runc):
 # a pod admitted under the old count may start this long after a decrease took effect.
 ADMISSION_SLACK = 3.0
