@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
@@ -366,7 +367,11 @@ def test_a_new_policy_reaches_the_open_stream(make_runner: MakeRunner) -> None:
     with grpc.insecure_channel(f"unix://{serving(runner).path}") as channel:
         stream = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty(), timeout=10)
         assert [d.ID for d in next(stream).devices] == ["a", "b"]
-        runner.handle(lifecycle.PolicyChanged(StaticPolicy(["a"])))
+        taken = threading.Event()
+        runner.post(lifecycle.PolicyChanged(StaticPolicy(["a"]), taken))
+        assert not taken.is_set()  # posted, not handled yet
+        runner.handle_queued()
+        assert taken.is_set()  # what a reload that withheld a lower count waits for before sealing
         assert [d.ID for d in next(stream).devices] == ["a"]
         stream.cancel()
 

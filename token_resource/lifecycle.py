@@ -107,6 +107,7 @@ class RegisterDone(NamedTuple):
 
 class PolicyChanged(NamedTuple):
     policy: DevicePolicy
+    taken: threading.Event | None = None  # set once the runner serves it (see Supervisor)
 
 
 class SuccessorState(NamedTuple):
@@ -272,8 +273,10 @@ class PluginRunner:
                 self._registration_finished(future)
             case RegisterDone():
                 pass  # an attempt abandoned for a newer one
-            case PolicyChanged(policy):
+            case PolicyChanged(policy, taken):
                 self._policy_changed(policy)
+                if taken is not None:
+                    taken.set()
             case SuccessorState(instance, registered) if self._siblings.follows(instance):
                 self._successor_state(registered)
             case SuccessorGone(instance) if self._siblings.follows(instance):

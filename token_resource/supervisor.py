@@ -45,7 +45,6 @@ PolicyFactory = Callable[[PluginConfig, DevicePolicy | None], DevicePolicy]
 # How long a reload waits for a runner to publish the lower count before it seals anyway (a
 # runner handles events in milliseconds; this bounds a wedged one).
 PUBLISH_TIMEOUT_S = 2.0
-_PUBLISH_POLL_S = 0.005
 
 
 class Withholder(Protocol):
@@ -231,8 +230,7 @@ class Supervisor:
             self._apply(plugins)
             return
         self._withholder.withhold(lowered)
-        self._apply(plugins)
-        self._await_published()
+        _await_taken(self._apply(plugins))
         self._withholder.seal(lowered)
 
     def _lowered(self, plugins: tuple[PluginConfig, ...]) -> dict[str, int]:
@@ -247,18 +245,10 @@ class Supervisor:
                 lowered[name] = new.count
         return lowered
 
-    def _await_published(self) -> None:
-        """Until every runner has taken the policy it was last given (its open stream then has
-        the new snapshot); a removed one was joined already. Bounded: a wedged runner is not a
-        reason to stop withholding (the seal is only the last re-apply)."""
-        deadline = time.monotonic() + PUBLISH_TIMEOUT_S
-        while any(r.runner.policy is not r.policy for r in list(self._running.values())):
-            if time.monotonic() >= deadline:
-                logging.warning("a runner did not take its new count within %.0fs", PUBLISH_TIMEOUT_S)
-                return
-            time.sleep(_PUBLISH_POLL_S)
-
-    def _apply(self, plugins: tuple[PluginConfig, ...]) -> None:
+    def _apply(self, plugins: tuple[PluginConfig, ...]) -> list[threading.Event]:
+        """Starts, stops and reconfigures runners to serve `plugins`. Returns, for each new
+        policy it handed to a running runner, the event the runner sets once it has taken it."""
+        taken: list[threading.Event] = []
         wanted = {p.resource: p for p in plugins}
         for name, running in list(self._running.items()):
             new = wanted.get(name)
@@ -273,7 +263,9 @@ class Supervisor:
                 policy = self._policy_for(plugin, current.policy)
                 with self._lock:
                     current.plugin, current.policy = plugin, policy
-                current.runner.post(PolicyChanged(policy))
+                taken.append(threading.Event())
+                current.runner.post(PolicyChanged(policy, taken[-1]))
+        return taken
 
     def _start(self, plugin: PluginConfig) -> None:
         policy = self._policy_for(plugin, None)
@@ -313,6 +305,15 @@ class Supervisor:
             for name, status in self.statuses().items()
             if status.phase in (Phase.REGISTERED, Phase.AWAITING_STREAM)
         ]
+
+
+def _await_taken(taken: list[threading.Event]) -> None:
+    """Until each runner has taken its new policy (its open stream then has the new snapshot).
+    Bounded: a wedged runner is not a reason to keep withholding (the seal is only the last
+    re-apply)."""
+    deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+    if not all(event.wait(max(0.0, deadline - time.monotonic())) for event in taken):
+        logging.warning("a runner did not take its new count within %.0fs", PUBLISH_TIMEOUT_S)
 
 
 def _summary(plugins: tuple[PluginConfig, ...]) -> str:
