@@ -16,7 +16,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from google.protobuf.message import Message
 
 from deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from tests import procfs
-from tests.daemon import binary_path, short_tempdir
+from tests.daemon import binary_path, short_tempdir, terminate
 from tests.fake_kubelet import FakeKubelet, Mode
 
 RESOURCE = "example.com/token"
@@ -147,13 +146,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None, log: str | 
         try:
             yield process.pid
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            terminate(process, 30)
 
 
 def python_env() -> dict[str, str]:

@@ -30,6 +30,20 @@ def short_tempdir(prefix: str = "tr-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+def terminate(process: subprocess.Popen, timeout: float) -> bool:
+    """SIGTERM if it still runs, then wait up to `timeout`; SIGKILL if it outlives that.
+    Returns whether it exited by itself."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
+
+
 class Daemon:
     """One token-resource process; its stderr (absl logs) goes to a file for diagnosis."""
 
@@ -56,15 +70,11 @@ class Daemon:
             return f.read()
 
     def terminate(self, timeout: float = 5.0) -> int:
-        """SIGTERM, then the exit code (killing it if it outlives `timeout`)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
+        """SIGTERM, then the exit code (killing it and raising TimeoutExpired if it outlives
+        `timeout`)."""
+        if not terminate(self.process, timeout):
+            raise subprocess.TimeoutExpired(self.process.args, timeout)
+        return self.process.returncode
 
     def wait(self, timeout: float = 10.0) -> int:
         return self.process.wait(timeout)

@@ -11,7 +11,6 @@ daemon is stopped by its PID and its directories removed at the end.
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import inotify_simple
 import pytest
 
 from bazel.oci import load
-from tests.daemon import short_tempdir
+from tests.daemon import short_tempdir, terminate
 from tests.image import imagefs
 from tests.image.containers import HARDENED, Engine, registers_allocates_and_stops
 
@@ -103,12 +102,7 @@ def dockerd() -> Iterator[Engine]:
         engine("version", timeout=READY_TIMEOUT_S)  # answered once the daemon has initialised
         yield engine
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, 60)
         log.close()
         print(f"---- dockerd log (exit {process.returncode}) ----\n{read_log(log_path)[-20000:]}")
         mounts = leftover_mounts(root)
